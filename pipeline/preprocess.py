@@ -1,0 +1,122 @@
+"""The one preprocessing path shared by training, evaluation and serving.
+
+A model folder's ``textcls.json`` records its format and ``max_length``; every
+consumer loads the tokenizer from the same folder and calls :func:`encode`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+META_FILE = "textcls.json"
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+@dataclass
+class ModelMeta:
+    """What every textcls model folder says about itself."""
+
+    format: str
+    max_length: int
+    num_labels: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / META_FILE).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> ModelMeta:
+        data = json.loads((Path(folder) / META_FILE).read_text())
+        return cls(**data)
+
+
+def load_tokenizer(folder: Path | str) -> Any:
+    """The tokenizer saved in a model folder."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def build_char_vocab(texts: Iterable[str], max_size: int = 8000, min_count: int = 1) -> list[str]:
+    """A per-character vocabulary (as Chinese BERT's), most frequent first."""
+    from collections import Counter
+
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(ch.lower() for ch in text if not ch.isspace())
+    chars = [c for c, n in counts.most_common() if n >= min_count]
+    return list(SPECIAL_TOKENS) + chars[: max(0, max_size - len(SPECIAL_TOKENS))]
+
+
+def make_char_tokenizer(vocab: Sequence[str]) -> Any:
+    """A BERT WordPiece tokenizer over a character vocabulary.
+
+    transformers 5 ignores ``vocab_file=`` (every character becomes [UNK]); it
+    takes ``vocab=`` as a dict.
+    """
+    from transformers import BertTokenizer
+
+    mapping = {tok: i for i, tok in enumerate(vocab)}
+    return BertTokenizer(vocab=mapping, do_lower_case=True, tokenize_chinese_chars=True)
+
+
+def encode(
+    tokenizer: Any, texts: Sequence[str], max_length: int, *, pad_to: int | None = None
+) -> dict[str, np.ndarray]:
+    """Tokenize a batch: int64 ``input_ids``, ``attention_mask``, ``token_type_ids``.
+
+    Pads to the longest text in the batch (dynamic padding) unless ``pad_to``
+    asks for a fixed length.
+    """
+    enc = tokenizer(
+        list(texts),
+        padding="max_length" if pad_to else "longest",
+        truncation=True,
+        max_length=pad_to or max_length,
+        return_tensors="np",
+    )
+    out = {k: np.asarray(enc[k], dtype=np.int64) for k in ("input_ids", "attention_mask")}
+    out["token_type_ids"] = np.asarray(
+        enc.get("token_type_ids", np.zeros_like(out["input_ids"])), dtype=np.int64
+    )
+    return out
+
+
+def token_lengths(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[int]:
+    """Token count per text (with specials, capped), for length-grouped batching."""
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+    return [len(ids) for ids in enc["input_ids"]]
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, *, shuffle: bool, seed: int = 0
+) -> list[list[int]]:
+    """Index batches of similar length, so dynamic padding wastes little.
+
+    With ``shuffle``, items are sorted within shuffled windows of 50 batches and
+    the batches themselves are shuffled (the usual "length grouping").
+    """
+    idx = np.arange(len(lengths))
+    rng = np.random.default_rng(seed)
+    if shuffle:
+        rng.shuffle(idx)
+        window = batch_size * 50
+        chunks = [idx[i : i + window] for i in range(0, len(idx), window)]
+        idx = (
+            np.concatenate([c[np.argsort([lengths[j] for j in c], kind="stable")] for c in chunks])
+            if chunks
+            else idx
+        )
+    else:
+        idx = idx[np.argsort(lengths, kind="stable")]
+    batches = [idx[i : i + batch_size].tolist() for i in range(0, len(idx), batch_size)]
+    if shuffle:
+        order = rng.permutation(len(batches))
+        batches = [batches[i] for i in order]
+    return batches

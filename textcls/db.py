@@ -1,0 +1,82 @@
+"""Database engine, sessions and schema migrations."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, make_url
+from sqlmodel import Session, create_engine
+
+from textcls.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+@lru_cache
+def engine_for(url: str) -> Engine:
+    """One engine per URL per process (created lazily, never at import)."""
+    parsed = make_url(url)
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    else:
+        kwargs.update(pool_size=5, max_overflow=10, pool_recycle=1800)
+    engine = create_engine(url, **kwargs)
+    if parsed.get_backend_name() == "sqlite":
+        # The API, workers and inference workers share one SQLite file; WAL lets
+        # readers run beside a writer and busy_timeout waits out short locks.
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+    return engine
+
+
+def get_engine() -> Engine:
+    return engine_for(get_settings().resolved_database_url())
+
+
+def get_db() -> Iterator[Session]:
+    """FastAPI dependency: one session per request."""
+    with Session(get_engine()) as session:
+        yield session
+
+
+def session_scope() -> Session:
+    """A new session for code outside a request (workers, CLI)."""
+    return Session(get_engine())
+
+
+def alembic_config(url: str | None = None) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # ConfigParser interpolation would choke on '%' in passwords.
+    cfg.set_main_option(
+        "sqlalchemy.url", (url or get_settings().resolved_database_url()).replace("%", "%%")
+    )
+    return cfg
+
+
+def migrate(url: str | None = None) -> None:
+    """Bring the schema to the newest migration (idempotent)."""
+    from alembic import command
+
+    url = url or get_settings().resolved_database_url()
+    log.info("migrating database %s", make_url(url).render_as_string(hide_password=True))
+    engine_for(url)  # creates the SQLite folder if needed
+    command.upgrade(alembic_config(url), "head")

