@@ -1,0 +1,95 @@
+"""Building, saving and loading the PyTorch models every step works on."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.preprocess import ModelMeta
+
+log = logging.getLogger(__name__)
+
+# From-scratch BERT presets. Heads are multiples of 3 and FFN widths multiples
+# of 3 x 128 so the seed's pruning ratio (8 of 12 heads, 2048 of 3072 FFN)
+# applies cleanly to each; every preset has more layers than the 3-layer student.
+SCRATCH_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(num_hidden_layers=4, hidden_size=96, num_attention_heads=6, intermediate_size=384),
+    "small": dict(
+        num_hidden_layers=6, hidden_size=192, num_attention_heads=6, intermediate_size=768
+    ),
+    "base": dict(
+        num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072
+    ),
+}
+
+
+def is_scratch(base_model: str) -> bool:
+    return base_model.startswith("scratch:")
+
+
+def scratch_config(preset: str, vocab_size: int, num_labels: int, max_length: int) -> Any:
+    """A BertConfig for a from-scratch preset (``tiny``, ``small``, ``base``)."""
+    from transformers import BertConfig
+
+    if preset not in SCRATCH_PRESETS:
+        raise ValueError(f"unknown scratch preset {preset!r}; known: {sorted(SCRATCH_PRESETS)}")
+    return BertConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=max(512, max_length),
+        num_labels=num_labels,
+        id2label={i: str(i) for i in range(num_labels)},
+        label2id={str(i): i for i in range(num_labels)},
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+        # Eager attention exports to an ONNX graph that ONNX Runtime's BERT
+        # fusion recognises; SDPA does not fuse.
+        attn_implementation="eager",
+        **SCRATCH_PRESETS[preset],
+    )
+
+
+def load_model(folder: Path | str, num_labels: int | None = None) -> Any:
+    """A sequence-classification model from a folder, eager attention, no remote code."""
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {"attn_implementation": "eager", "trust_remote_code": False}
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    return AutoModelForSequenceClassification.from_pretrained(str(folder), **kwargs)
+
+
+def save_model_folder(model: Any, tokenizer: Any, out_dir: Path, meta: ModelMeta) -> Path:
+    """Write a standard Hugging Face folder (safetensors) plus ``textcls.json``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = int(meta.num_labels)
+    model.config.id2label = {i: str(i) for i in range(n)}
+    model.config.label2id = {str(i): i for i in range(n)}
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    meta.save(out_dir)
+    return out_dir
+
+
+def copy_tokenizer_and_meta(src: Path, dst: Path) -> None:
+    """Copy everything but weights from one model folder to another (for ONNX variants)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in Path(src).iterdir():
+        if p.is_file() and p.suffix not in {".safetensors", ".onnx", ".bin", ".data"}:
+            shutil.copy2(p, dst / p.name)
+
+
+def architecture(model: Any) -> dict[str, Any]:
+    """Layer, head and FFN counts and parameter total, for records and comparisons."""
+    cfg = model.config
+    info: dict[str, Any] = {
+        "model_type": getattr(cfg, "model_type", None),
+        "num_layers": getattr(cfg, "num_hidden_layers", None),
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "num_heads": getattr(cfg, "num_attention_heads", None),
+        "ffn_size": getattr(cfg, "intermediate_size", None),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+    }
+    return info
