@@ -1,0 +1,44 @@
+"""FastAPI dependencies: database session, settings, API key."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Header, HTTPException, status
+from sqlmodel import Session
+
+from textcls.db import get_db
+from textcls.settings import Settings, get_settings
+
+SessionDep = Annotated[Session, Depends(get_db)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def _presented_key(x_api_key: str | None, authorization: str | None) -> str | None:
+    if x_api_key:
+        return x_api_key
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
+def require_api_key(
+    settings: SettingsDep,
+    x_api_key: Annotated[str | None, Header()] = None,
+    authorization: Annotated[str | None, Header()] = None,
+) -> None:
+    """Guards state-changing calls when ``TEXTCLS_API_KEY`` is set."""
+    expected = settings.api_key
+    if not expected:
+        return
+    presented = _presented_key(x_api_key, authorization)
+    if presented is None or not secrets.compare_digest(presented.encode(), expected.encode()):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            detail="missing or wrong API key (send it as X-API-Key or Authorization: Bearer)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+WriteAccess = Depends(require_api_key)

@@ -1,0 +1,97 @@
+"""The control plane: a FastAPI app over the database and the job queue."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from api.routers import datasets, jobs, models
+from textcls import __version__
+from textcls.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+class Reaper:
+    """Background thread that requeues or fails jobs whose worker went silent."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reaper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        from workers.reaper import reap_stale_jobs
+
+        while not self._stop.wait(self.interval):
+            try:
+                reap_stale_jobs()
+            except Exception:  # the database may be briefly away
+                log.warning("reaper sweep failed", exc_info=True)
+
+
+def create_app(*, reaper: bool = True) -> FastAPI:
+    settings = get_settings()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        sweeper = Reaper(settings.reaper_interval) if reaper else None
+        if sweeper is not None:
+            sweeper.start()
+        yield
+        if sweeper is not None:
+            sweeper.stop()
+
+    app = FastAPI(
+        title="textcls control plane",
+        version=__version__,
+        description="Datasets, jobs (train, prune, distill, export, fp16, quantize, "
+        "evaluate, pipeline), models and deployments.",
+        lifespan=lifespan,
+    )
+    app.include_router(datasets.router)
+    app.include_router(jobs.router)
+    app.include_router(models.router)
+    try:
+        from api.routers import deployments
+    except ImportError:  # pragma: no cover - arrives with the inference worker
+        pass
+    else:
+        app.include_router(deployments.router)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(DBAPIError)
+    async def _db_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database error: %s", exc)
+        return JSONResponse(
+            status_code=503,
+            content={"detail": "database unavailable, try again shortly"},
+            headers={"Retry-After": "5"},
+        )
+
+    @app.get("/health", tags=["meta"])
+    def health() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    return app
+
+
+def app_factory() -> FastAPI:
+    """Entry point for ``uvicorn --factory api.main:app_factory``."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return create_app()

@@ -1,0 +1,105 @@
+"""``/datasets``: upload (validated) and read."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, UploadFile, status
+from sqlmodel import col, select
+
+from api.deps import SessionDep, SettingsDep, WriteAccess
+from pipeline.data import TSVError, parse_tsv
+from textcls.models import Dataset, DatasetPublic
+from textcls.store import ArtifactStore
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+_NAME_RE = re.compile(r"^[\w .()\-]{1,200}$")
+
+
+async def _read_limited(upload: UploadFile, limit: int) -> bytes:
+    """Read the upload, refusing as soon as it passes ``limit`` bytes."""
+    chunks: list[bytes] = []
+    total = 0
+    while chunk := await upload.read(1 << 20):
+        total += len(chunk)
+        if total > limit:
+            raise HTTPException(
+                status.HTTP_413_CONTENT_TOO_LARGE,
+                detail=f"file is over the size limit of {limit} bytes",
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetPublic,
+    dependencies=[WriteAccess],
+)
+async def upload_dataset(
+    session: SessionDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File(description="TSV: index<TAB>sentence<TAB>label")],
+    name: Annotated[str | None, Form(max_length=200)] = None,
+) -> Dataset:
+    data = await _read_limited(file, settings.max_upload_bytes)
+    try:
+        parsed = parse_tsv(data, max_bytes=settings.max_upload_bytes)
+    except TSVError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
+    display = name if name is not None else (file.filename or "dataset")
+    display = display.strip()
+    if not _NAME_RE.match(display):
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail="name must be 1-200 letters, digits, spaces or . _ - ( )",
+        )
+    store = ArtifactStore(settings.resolved_artifact_dir())
+    row = Dataset(
+        name=display,
+        rows=len(parsed),
+        num_labels=parsed.num_labels,
+        label_counts=parsed.label_counts(),
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
+        path="",
+    )
+    # The row and the file appear together or not at all: the id comes from a
+    # flush inside the transaction, the file is moved into place, then commit.
+    session.add(row)
+    session.flush()
+    assert row.id is not None
+    row.path = store.dataset_relpath(row.id)
+    with store.staging() as tmp:
+        staged = tmp / "data.tsv"
+        staged.write_bytes(data)
+        store.commit(staged, row.path)
+    try:
+        session.commit()
+    except Exception:
+        store.remove(row.path)
+        raise
+    session.refresh(row)
+    log.info("dataset %s stored: %d rows, labels %s", row.id, row.rows, row.label_counts)
+    return row
+
+
+@router.get("", response_model=list[DatasetPublic])
+def list_datasets(session: SessionDep, limit: int = 100, offset: int = 0) -> list[Dataset]:
+    limit = max(1, min(limit, 1000))
+    stmt = select(Dataset).order_by(col(Dataset.id).desc()).offset(max(0, offset)).limit(limit)
+    return list(session.exec(stmt))
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic)
+def get_dataset(session: SessionDep, dataset_id: int) -> Dataset:
+    row = session.get(Dataset, dataset_id)
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"dataset {dataset_id} not found")
+    return row

@@ -1,0 +1,81 @@
+"""``/models``: registered models with their evaluations and lineage."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, status
+from sqlmodel import Session, col, select
+
+from api.deps import SessionDep
+from textcls.models import Evaluation, EvaluationPublic, Model, ModelPublic
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+def to_public(session: Session, model: Model) -> ModelPublic:
+    evals = session.exec(select(Evaluation).where(Evaluation.model_id == model.id)).all()
+    return ModelPublic.model_validate(
+        {**model.model_dump(), "evaluations": [EvaluationPublic.model_validate(e) for e in evals]}
+    )
+
+
+def get_model_or_404(session: Session, model_id: int) -> Model:
+    model = session.get(Model, model_id)
+    if model is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"model {model_id} not found")
+    return model
+
+
+@router.get("", response_model=list[ModelPublic])
+def list_models(
+    session: SessionDep,
+    format: str | None = None,
+    parent_id: int | None = None,
+    job_id: int | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[ModelPublic]:
+    stmt = select(Model)
+    if format is not None:
+        stmt = stmt.where(Model.format == format)
+    if parent_id is not None:
+        stmt = stmt.where(Model.parent_id == parent_id)
+    if job_id is not None:
+        stmt = stmt.where(Model.job_id == job_id)
+    limit = max(1, min(limit, 1000))
+    stmt = stmt.order_by(col(Model.id).desc()).offset(max(0, offset)).limit(limit)
+    return [to_public(session, m) for m in session.exec(stmt)]
+
+
+@router.get("/{model_id}", response_model=ModelPublic)
+def get_model(session: SessionDep, model_id: int) -> ModelPublic:
+    return to_public(session, get_model_or_404(session, model_id))
+
+
+def lineage(session: Session, model: Model) -> list[Model]:
+    """The model's ancestors (root first), the model, then its descendants (breadth first)."""
+    chain: list[Model] = []
+    seen: set[int] = set()
+    cur: Model | None = model
+    while cur is not None and cur.id not in seen:
+        assert cur.id is not None
+        seen.add(cur.id)
+        chain.insert(0, cur)
+        cur = session.get(Model, cur.parent_id) if cur.parent_id is not None else None
+    frontier = [model.id]
+    while frontier:
+        children = session.exec(select(Model).where(col(Model.parent_id).in_(frontier))).all()
+        frontier = []
+        for child in sorted(children, key=lambda m: m.id or 0):
+            if child.id not in seen:
+                assert child.id is not None
+                seen.add(child.id)
+                chain.append(child)
+                frontier.append(child.id)
+    return chain
+
+
+@router.get("/{model_id}/lineage", response_model=list[ModelPublic])
+def get_lineage(session: SessionDep, model_id: int) -> list[ModelPublic]:
+    """The comparison view: the whole lineage with every evaluation, side by side."""
+    model = get_model_or_404(session, model_id)
+    return [to_public(session, m) for m in lineage(session, model)]

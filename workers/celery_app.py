@@ -1,0 +1,51 @@
+"""The Celery app: Redis broker, two queues (``gpu`` and ``cpu``), late acks.
+
+The database, not a Celery result backend, holds job state, so results are
+ignored. Messages carry ``(job_id, attempt)`` only.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from textcls.settings import get_settings
+
+RUN_JOB_TASK = "textcls.run_job"
+QUEUES = ("gpu", "cpu")
+
+
+def make_celery() -> Celery:
+    settings = get_settings()
+    app = Celery("textcls", broker=settings.resolved_broker_url(), include=["workers.tasks"])
+    app.conf.update(
+        task_queues=[Queue(q) for q in QUEUES],
+        task_default_queue="cpu",
+        task_ignore_result=True,
+        # A message is acknowledged after the job ends, so a worker that dies
+        # mid-job does not lose it; prefetch 1 so a long job holds one message.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # An unacked message comes back after this long; the job's own
+            # (id, attempt) check stops a second delivery from running it twice.
+            "visibility_timeout": settings.visibility_timeout,
+        },
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
+
+
+celery_app = make_celery()
+
+
+def send_job(job_id: int, attempt: int, queue: str) -> str:
+    """Enqueue a job's message; returns the Celery task id."""
+    result = celery_app.send_task(RUN_JOB_TASK, args=[job_id, attempt], queue=queue)
+    return str(result.id)

@@ -1,0 +1,296 @@
+"""One handler per job kind: resolve inputs, call a pipeline step, describe outputs.
+
+Pipeline modules are imported inside the handlers so the worker process loads
+torch and friends only when it first needs them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, cast
+
+from sqlmodel import Session, select
+
+from pipeline.common import StepError
+from textcls.jobs import (
+    DistillParams,
+    EvaluateParams,
+    ExportParams,
+    Fp16Params,
+    PruneParams,
+    QuantizeParams,
+    TrainParams,
+)
+from textcls.models import Evaluation, Job, Model, ModelFormat, utcnow
+from workers.runner import JobContext, NewModel, Outcome, handler
+
+log = logging.getLogger(__name__)
+
+CHECK_TEXTS = 64
+
+
+def _need_format(model: Model, allowed: set[str], kind: str) -> None:
+    if model.format not in allowed:
+        raise StepError(
+            f"{kind} needs a model of format {' or '.join(sorted(allowed))}; "
+            f"model {model.id} is {model.format}"
+        )
+
+
+def _check_texts(ctx: JobContext, dataset_id: int | None) -> list[str] | None:
+    if dataset_id is None:
+        return None
+    from pipeline.data import read_tsv
+
+    _, path = ctx.dataset(dataset_id)
+    return read_tsv(path).texts[:CHECK_TEXTS]
+
+
+def _check_labels(model: Model, dataset_num_labels: int, dataset_id: int) -> None:
+    if dataset_num_labels > model.num_labels:
+        raise StepError(
+            f"dataset {dataset_id} has labels up to {dataset_num_labels - 1} but model "
+            f"{model.id} has {model.num_labels} labels"
+        )
+
+
+def _arch_info(folder: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {
+        "num_layers": cfg.get("num_hidden_layers"),
+        "hidden_size": cfg.get("hidden_size"),
+        "num_heads": cfg.get("num_attention_heads"),
+        "ffn_size": cfg.get("intermediate_size"),
+    }
+
+
+@handler("train")
+def run_train(ctx: JobContext) -> Outcome:
+    from pipeline.train import train
+
+    p = cast(TrainParams, ctx.params)
+    _, train_path = ctx.dataset(p.dataset_id)
+    eval_path = ctx.dataset(p.eval_dataset_id)[1] if p.eval_dataset_id is not None else None
+    result = train(
+        train_path,
+        ctx.out_dir(),
+        eval_tsv=eval_path,
+        base_model=p.base_model,
+        epochs=p.epochs,
+        batch_size=p.batch_size,
+        learning_rate=p.learning_rate,
+        max_length=p.max_length,
+        seed=p.seed,
+        progress=ctx.progress,
+    )
+    info = {
+        **_arch_info(result.model_dir),
+        "base_model": p.base_model,
+        "dataset_id": p.dataset_id,
+        "max_length": p.max_length,
+    }
+    return Outcome(
+        metrics=result.metrics,
+        model=NewModel(
+            folder=result.model_dir,
+            format=ModelFormat.pytorch,
+            num_labels=result.num_labels,
+            name=f"train-{ctx.job_id}",
+            info=info,
+        ),
+    )
+
+
+@handler("prune")
+def run_prune(ctx: JobContext) -> Outcome:
+    from pipeline.prune import prune
+
+    p = cast(PruneParams, ctx.params)
+    model, model_dir = ctx.model(p.model_id)
+    _need_format(model, {ModelFormat.pytorch}, "prune")
+    ds, data_path = ctx.dataset(p.dataset_id)
+    _check_labels(model, ds.num_labels, p.dataset_id)
+    result = prune(
+        model_dir,
+        data_path,
+        ctx.out_dir(),
+        target_heads=p.target_heads,
+        target_ffn=p.target_ffn,
+        max_length=p.max_length,
+        batch_size=p.batch_size,
+        epochs=p.epochs,
+        learning_rate=p.learning_rate,
+        seed=p.seed,
+        progress=ctx.progress,
+    )
+    return Outcome(
+        metrics=result.metrics,
+        model=NewModel(
+            folder=result.model_dir,
+            format=ModelFormat.pytorch,
+            num_labels=model.num_labels,
+            name=f"prune-{ctx.job_id}",
+            parent_id=model.id,
+            info={**_arch_info(result.model_dir), "pruned_from": model.id},
+        ),
+    )
+
+
+@handler("distill")
+def run_distill(ctx: JobContext) -> Outcome:
+    from pipeline.distill import distill
+
+    p = cast(DistillParams, ctx.params)
+    teacher, teacher_dir = ctx.model(p.teacher_model_id)
+    _need_format(teacher, {ModelFormat.pytorch}, "distill")
+    ds, data_path = ctx.dataset(p.dataset_id)
+    _check_labels(teacher, ds.num_labels, p.dataset_id)
+    eval_path = ctx.dataset(p.eval_dataset_id)[1] if p.eval_dataset_id is not None else None
+    result = distill(
+        teacher_dir,
+        data_path,
+        ctx.out_dir(),
+        eval_tsv=eval_path,
+        student_layers=p.student_layers,
+        student_model_dir=Path(p.student_model_dir) if p.student_model_dir else None,
+        temperature=p.temperature,
+        hidden_match=p.hidden_match,
+        epochs=p.epochs,
+        batch_size=p.batch_size,
+        learning_rate=p.learning_rate,
+        max_length=p.max_length,
+        seed=p.seed,
+        progress=ctx.progress,
+    )
+    return Outcome(
+        metrics=result.metrics,
+        model=NewModel(
+            folder=result.model_dir,
+            format=ModelFormat.pytorch,
+            num_labels=teacher.num_labels,
+            name=f"distill-{ctx.job_id}",
+            parent_id=teacher.id,
+            info={**_arch_info(result.model_dir), "teacher_id": teacher.id},
+        ),
+    )
+
+
+@handler("export")
+def run_export(ctx: JobContext) -> Outcome:
+    from pipeline.export import export_onnx
+
+    p = cast(ExportParams, ctx.params)
+    model, model_dir = ctx.model(p.model_id)
+    _need_format(model, {ModelFormat.pytorch}, "export")
+    result = export_onnx(
+        model_dir,
+        ctx.out_dir(),
+        check_texts=_check_texts(ctx, p.dataset_id),
+        opset=p.opset,
+        atol=p.atol,
+        progress=ctx.progress,
+    )
+    return Outcome(
+        metrics=result.metrics,
+        model=NewModel(
+            folder=result.model_dir,
+            format=ModelFormat.onnx,
+            num_labels=model.num_labels,
+            name=f"onnx-{ctx.job_id}",
+            parent_id=model.id,
+            info={**model.info, "opset": p.opset},
+        ),
+    )
+
+
+@handler("fp16")
+def run_fp16(ctx: JobContext) -> Outcome:
+    from pipeline.optimize import to_fp16
+
+    p = cast(Fp16Params, ctx.params)
+    model, model_dir = ctx.model(p.model_id)
+    _need_format(model, {ModelFormat.onnx}, "fp16")
+    result = to_fp16(
+        model_dir,
+        ctx.out_dir(),
+        use_gpu=p.use_gpu,
+        check_texts=_check_texts(ctx, p.dataset_id),
+        progress=ctx.progress,
+    )
+    return Outcome(
+        metrics=result.metrics,
+        model=NewModel(
+            folder=result.model_dir,
+            format=ModelFormat.onnx_fp16,
+            num_labels=model.num_labels,
+            name=f"fp16-{ctx.job_id}",
+            parent_id=model.id,
+            info=dict(model.info),
+        ),
+    )
+
+
+@handler("quantize")
+def run_quantize(ctx: JobContext) -> Outcome:
+    from pipeline.quantize import quantize_int8
+
+    p = cast(QuantizeParams, ctx.params)
+    model, model_dir = ctx.model(p.model_id)
+    _need_format(model, {ModelFormat.onnx}, "quantize")
+    result = quantize_int8(
+        model_dir,
+        ctx.out_dir(),
+        per_channel=p.per_channel,
+        check_texts=_check_texts(ctx, p.dataset_id),
+        progress=ctx.progress,
+    )
+    return Outcome(
+        metrics=result.metrics,
+        model=NewModel(
+            folder=result.model_dir,
+            format=ModelFormat.onnx_int8,
+            num_labels=model.num_labels,
+            name=f"int8-{ctx.job_id}",
+            parent_id=model.id,
+            info={**model.info, "per_channel": p.per_channel},
+        ),
+    )
+
+
+@handler("evaluate")
+def run_evaluate(ctx: JobContext) -> Outcome:
+    from pipeline.evaluate import evaluate
+
+    p = cast(EvaluateParams, ctx.params)
+    model, model_dir = ctx.model(p.model_id)
+    ds, data_path = ctx.dataset(p.dataset_id)
+    _check_labels(model, ds.num_labels, p.dataset_id)
+    metrics = evaluate(
+        model_dir,
+        data_path,
+        batch_size=p.batch_size,
+        latency_runs=p.latency_runs,
+        progress=ctx.progress,
+    )
+
+    def record(session: Session, job: Job, _model: Model | None) -> None:
+        # One evaluation per (model, dataset): a new run replaces the old one.
+        row = session.exec(
+            select(Evaluation)
+            .where(Evaluation.model_id == p.model_id)
+            .where(Evaluation.dataset_id == p.dataset_id)
+        ).first()
+        if row is None:
+            row = Evaluation(model_id=p.model_id, dataset_id=p.dataset_id)
+        row.job_id = job.id
+        row.metrics = metrics
+        row.created_at = utcnow()
+        session.add(row)
+
+    return Outcome(metrics=metrics, on_success=record)

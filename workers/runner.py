@@ -1,0 +1,304 @@
+"""Running one job: claim it, beat, report progress, record the outcome.
+
+Everything here takes a job id and opens its own sessions, so a task can be
+delivered again (after a worker died, or a visibility timeout) without harm:
+only the message whose ``attempt`` matches the job's current attempt, while
+the job is ``queued``, may start it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import update
+from sqlmodel import Session, col
+
+from pipeline.common import JobCancelled, StepError
+from textcls.db import session_scope
+from textcls.jobs import JobParams, parse_params
+from textcls.models import Dataset, Job, JobStatus, Model, utcnow
+from textcls.settings import get_settings
+from textcls.store import ArtifactStore, dir_size
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NewModel:
+    """A model folder produced by a job, to be registered when the job succeeds."""
+
+    folder: Path
+    format: str
+    num_labels: int
+    name: str
+    parent_id: int | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    metrics: dict[str, Any] = field(default_factory=dict)
+    model: NewModel | None = None
+    # Called with (session, job, registered model or None) inside the final
+    # transaction, for extra rows such as evaluations.
+    on_success: Callable[[Session, Job, Model | None], None] | None = None
+
+
+class JobContext:
+    """What a handler sees: typed params, paths of inputs, progress and staging."""
+
+    def __init__(self, job: Job, params: JobParams, store: ArtifactStore, beat: Heartbeat) -> None:
+        assert job.id is not None
+        self.job_id: int = job.id
+        self.kind = job.kind
+        self.params = params
+        self.store = store
+        self._beat = beat
+        self._last_write = 0.0
+        self.staging_dir = store.tmp_dir()
+
+    def dataset(self, dataset_id: int) -> tuple[Dataset, Path]:
+        with session_scope() as s:
+            row = s.get(Dataset, dataset_id)
+            if row is None:
+                raise StepError(f"dataset {dataset_id} does not exist")
+            return row, self.store.resolve(row.path)
+
+    def model(self, model_id: int) -> tuple[Model, Path]:
+        with session_scope() as s:
+            row = s.get(Model, model_id)
+            if row is None:
+                raise StepError(f"model {model_id} does not exist")
+            return row, self.store.resolve(row.path)
+
+    def progress(self, fraction: float, stage: str | None = None) -> None:
+        """Record progress (throttled) and stop between batches when cancelled."""
+        if self._beat.cancelled.is_set():
+            raise JobCancelled("cancelled by request")
+        now = time.monotonic()
+        if now - self._last_write < 1.0 and fraction < 1.0:
+            return
+        self._last_write = now
+        values: dict[str, Any] = {"progress": max(0.0, min(1.0, float(fraction)))}
+        if stage is not None:
+            values["stage"] = stage[:200]
+        self._beat.update(values)
+
+    def out_dir(self, name: str = "model") -> Path:
+        path = self.staging_dir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+class Heartbeat:
+    """A thread that marks the job alive and notices cancel requests."""
+
+    def __init__(self, job_id: int, attempt: int, interval: float) -> None:
+        self.job_id = job_id
+        self.attempt = attempt
+        self.interval = interval
+        self.cancelled = threading.Event()
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def update(self, values: dict[str, Any]) -> None:
+        """Update the job row if this attempt still owns it."""
+        values = {**values, "heartbeat_at": utcnow(), "updated_at": utcnow()}
+        with session_scope() as s:
+            res = s.exec(  # type: ignore[call-overload]
+                update(Job)
+                .where(col(Job.id) == self.job_id)
+                .where(col(Job.attempt) == self.attempt)
+                .where(col(Job.status) == JobStatus.running)
+                .values(**values)
+            )
+            s.commit()
+            if res.rowcount == 0:
+                # Reaped, or the row changed hands: stop working on it.
+                self.lost.set()
+                self.cancelled.set()
+                return
+            job = s.get(Job, self.job_id)
+            if job is not None and job.cancel_requested:
+                self.cancelled.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.update({})
+            except Exception:  # the database may be briefly away; keep beating
+                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+
+
+Handler = Callable[[JobContext], Outcome]
+HANDLERS: dict[str, Handler] = {}
+
+
+def handler(kind: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        HANDLERS[kind] = fn
+        return fn
+
+    return register
+
+
+def claim(job_id: int, attempt: int, worker: str) -> Job | None:
+    """Move a queued job to running for this attempt; None if it is not ours to run."""
+    now = utcnow()
+    with session_scope() as s:
+        res = s.exec(  # type: ignore[call-overload]
+            update(Job)
+            .where(col(Job.id) == job_id)
+            .where(col(Job.attempt) == attempt)
+            .where(col(Job.status) == JobStatus.queued)
+            .values(
+                status=JobStatus.running,
+                started_at=now,
+                heartbeat_at=now,
+                updated_at=now,
+                worker=worker[:200],
+                progress=0.0,
+                stage="starting",
+            )
+        )
+        s.commit()
+        if res.rowcount == 0:
+            return None
+        job = s.get(Job, job_id)
+        if job is not None:
+            s.expunge(job)
+        return job
+
+
+def finish(job_id: int, attempt: int, status: JobStatus, **values: Any) -> bool:
+    """Set a final status if this attempt still owns the running job."""
+    now = utcnow()
+    with session_scope() as s:
+        res = s.exec(  # type: ignore[call-overload]
+            update(Job)
+            .where(col(Job.id) == job_id)
+            .where(col(Job.attempt) == attempt)
+            .where(col(Job.status) == JobStatus.running)
+            .values(status=status, finished_at=now, updated_at=now, **values)
+        )
+        s.commit()
+        return bool(res.rowcount)
+
+
+def _register(ctx: JobContext, job_id: int, attempt: int, outcome: Outcome) -> bool:
+    """Register the model (folder moved into place) and mark the job succeeded, atomically."""
+    store = ctx.store
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status != JobStatus.running or job.attempt != attempt:
+            return False
+        model: Model | None = None
+        if outcome.model is not None:
+            nm = outcome.model
+            model = Model(
+                name=nm.name[:200],
+                format=nm.format,
+                parent_id=nm.parent_id,
+                job_id=job_id,
+                size_bytes=dir_size(nm.folder),
+                num_labels=nm.num_labels,
+                info=nm.info,
+                path="",
+            )
+            s.add(model)
+            s.flush()
+            assert model.id is not None
+            model.path = store.model_relpath(model.id)
+            store.commit(nm.folder, model.path)
+        if outcome.on_success is not None:
+            outcome.on_success(s, job, model)
+        now = utcnow()
+        job.status = JobStatus.succeeded
+        job.progress = 1.0
+        job.stage = "done"
+        job.metrics = outcome.metrics
+        job.output_model_id = model.id if model is not None else None
+        job.finished_at = now
+        job.updated_at = now
+        s.add(job)
+        try:
+            s.commit()
+        except Exception:
+            if model is not None and model.path:
+                store.remove(model.path)
+            raise
+        return True
+
+
+def execute_job(job_id: int, attempt: int, worker: str = "worker") -> str:
+    """Run one job to a final state; returns what happened (for logs and tests)."""
+    settings = get_settings()
+    job = claim(job_id, attempt, worker)
+    if job is None:
+        log.info(
+            "job %s attempt %s: not queued for this attempt, skipping message", job_id, attempt
+        )
+        return "skipped"
+    log.info("job %s (%s) attempt %s started on %s", job_id, job.kind, attempt, worker)
+    store = ArtifactStore(settings.resolved_artifact_dir())
+    with Heartbeat(job_id, attempt, settings.heartbeat_interval) as beat:
+        ctx: JobContext | None = None
+        try:
+            params = parse_params(job.kind, job.params)
+            fn = HANDLERS.get(job.kind)
+            if fn is None:
+                raise StepError(f"no handler for job kind {job.kind!r}")
+            ctx = JobContext(job, params, store, beat)
+            outcome = fn(ctx)
+            if beat.lost.is_set():
+                return "lost"
+            if _register(ctx, job_id, attempt, outcome):
+                log.info("job %s succeeded", job_id)
+                return "succeeded"
+            return "lost"
+        except JobCancelled:
+            if beat.lost.is_set():
+                return "lost"
+            finish(
+                job_id,
+                attempt,
+                JobStatus.cancelled,
+                stage="cancelled",
+                error="cancelled by request",
+            )
+            log.info("job %s cancelled", job_id)
+            return "cancelled"
+        except StepError as exc:
+            finish(job_id, attempt, JobStatus.failed, stage="failed", error=str(exc))
+            log.warning("job %s failed: %s", job_id, exc)
+            return "failed"
+        except Exception as exc:
+            tb = traceback.format_exc(limit=5)
+            finish(
+                job_id,
+                attempt,
+                JobStatus.failed,
+                stage="failed",
+                error=f"{type(exc).__name__}: {exc}\n{tb}"[:20000],
+            )
+            log.exception("job %s crashed", job_id)
+            return "failed"
+        finally:
+            if ctx is not None:
+                store.remove(str(ctx.staging_dir.relative_to(store.root)))
