@@ -35,6 +35,7 @@ def scratch_config(preset: str, vocab_size: int, num_labels: int, max_length: in
 
     if preset not in SCRATCH_PRESETS:
         raise ValueError(f"unknown scratch preset {preset!r}; known: {sorted(SCRATCH_PRESETS)}")
+    kwargs: dict[str, Any] = dict(SCRATCH_PRESETS[preset])
     return BertConfig(
         vocab_size=vocab_size,
         max_position_embeddings=max(512, max_length),
@@ -46,7 +47,7 @@ def scratch_config(preset: str, vocab_size: int, num_labels: int, max_length: in
         # Eager attention exports to an ONNX graph that ONNX Runtime's BERT
         # fusion recognises; SDPA does not fuse.
         attn_implementation="eager",
-        **SCRATCH_PRESETS[preset],
+        **kwargs,
     )
 
 

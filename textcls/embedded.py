@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class ProcessGroup:
         inherit_output: bool = False,
     ) -> Proc:
         full_env = {**os.environ, **(env or {})}
-        out: int | object = subprocess.DEVNULL
+        out: Any = subprocess.DEVNULL
         log_path = None
         if inherit_output:
             out = None
@@ -96,7 +97,7 @@ class ProcessGroup:
             env=full_env,
             cwd=cwd,
             stdout=out,
-            stderr=subprocess.STDOUT,  # type: ignore[arg-type]
+            stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
@@ -256,3 +257,76 @@ def process_group(log_dir: Path | None = None) -> Iterator[ProcessGroup]:
         yield group
     finally:
         group.stop_all()
+
+
+@dataclass
+class StackURLs:
+    api: str
+    inference: str | None
+    broker: str
+    database: str
+
+
+@contextlib.contextmanager
+def embedded_stack(
+    *,
+    inference: bool = True,
+    workers: int = 1,
+    quiet: bool = True,
+    extra_env: Mapping[str, str] | None = None,
+) -> Iterator[tuple[StackURLs, ProcessGroup]]:
+    """Start Redis (unless a broker URL is set), migrate, then API, worker(s), inference.
+
+    Everything stops when the block exits, whatever the reason.
+    """
+    from textcls.db import migrate
+    from textcls.settings import get_settings
+
+    settings = get_settings()
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = data_dir / "logs"
+    with process_group(log_dir=None if not quiet else log_dir) as group:
+        env: dict[str, str] = {
+            "TEXTCLS_DATA_DIR": str(data_dir),
+            "TEXTCLS_DATABASE_URL": settings.resolved_database_url(),
+            "TEXTCLS_ARTIFACT_DIR": str(settings.resolved_artifact_dir()),
+            "TOKENIZERS_PARALLELISM": "false",
+            **(extra_env or {}),
+        }
+        broker = settings.broker_url or start_redis(group, data_dir / "redis")
+        env["TEXTCLS_BROKER_URL"] = broker
+        migrate(settings.resolved_database_url())
+        api_url = f"http://{settings.api_host}:{settings.api_port}"
+        env["TEXTCLS_API_URL"] = api_url
+        if port_open(settings.api_host, settings.api_port):
+            raise RuntimeError(f"port {settings.api_port} is taken (set TEXTCLS_API_PORT)")
+        api = group.start("api", api_command(settings.api_host, settings.api_port), env)
+        for i in range(workers):
+            group.start(f"worker-{i}", worker_command(name=f"worker{i}"), env)
+        inference_url = None
+        if inference:
+            if port_open(settings.inference_host, settings.inference_port):
+                raise RuntimeError(
+                    f"port {settings.inference_port} is taken (set TEXTCLS_INFERENCE_PORT)"
+                )
+            inference_url = f"http://{settings.inference_host}:{settings.inference_port}"
+            group.start(
+                "inference",
+                inference_command(settings.inference_host, settings.inference_port),
+                env,
+            )
+
+        import httpx
+
+        def healthy(url: str) -> bool:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+
+        try:
+            wait_for(lambda: healthy(api_url), 90, "the API")
+            if inference_url:
+                wait_for(lambda: healthy(inference_url), 90, "the inference worker")
+        except TimeoutError:
+            log.error("startup failed; last log lines:\n%s", api.tail())
+            raise
+        yield StackURLs(api_url, inference_url, broker, settings.resolved_database_url()), group

