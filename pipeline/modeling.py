@@ -36,6 +36,9 @@ def scratch_config(preset: str, vocab_size: int, num_labels: int, max_length: in
     if preset not in SCRATCH_PRESETS:
         raise ValueError(f"unknown scratch preset {preset!r}; known: {sorted(SCRATCH_PRESETS)}")
     kwargs: dict[str, Any] = dict(SCRATCH_PRESETS[preset])
+    # Eager attention exports to an ONNX graph that ONNX Runtime's BERT fusion
+    # recognises; SDPA does not fuse.
+    kwargs["attn_implementation"] = "eager"
     return BertConfig(
         vocab_size=vocab_size,
         max_position_embeddings=max(512, max_length),
@@ -44,9 +47,6 @@ def scratch_config(preset: str, vocab_size: int, num_labels: int, max_length: in
         label2id={str(i): i for i in range(num_labels)},
         hidden_dropout_prob=0.1,
         attention_probs_dropout_prob=0.1,
-        # Eager attention exports to an ONNX graph that ONNX Runtime's BERT
-        # fusion recognises; SDPA does not fuse.
-        attn_implementation="eager",
         **kwargs,
     )
 
