@@ -39,10 +39,10 @@ def scratch_config(preset: str, vocab_size: int, num_labels: int, max_length: in
     # Eager attention exports to an ONNX graph that ONNX Runtime's BERT fusion
     # recognises; SDPA does not fuse.
     kwargs["attn_implementation"] = "eager"
+    kwargs["num_labels"] = num_labels
     return BertConfig(
         vocab_size=vocab_size,
         max_position_embeddings=max(512, max_length),
-        num_labels=num_labels,
         id2label={i: str(i) for i in range(num_labels)},
         label2id={str(i): i for i in range(num_labels)},
         hidden_dropout_prob=0.1,
