@@ -1,0 +1,106 @@
+"""Test helpers: tiny real model folders and registering them in a stack's database."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from pipeline.preprocess import ModelMeta
+from tests.stack import Stack
+
+# Enough characters that the tokenizer knows most test sentences.
+VOCAB_TEXT = "".join(
+    [
+        "这个东西很好用质量一般物流很慢客服态度也不好不会再买了",
+        "太差了还可以一句两句话我们的产品非常喜欢",
+    ]
+)
+
+
+def build_model_folder(out: Path, *, label: int, num_labels: int = 2, seed: int = 0) -> Path:
+    """An untrained scratch:tiny BERT whose classifier bias makes it predict ``label``.
+
+    Random weights give logits near zero, so a bias of +6 on one class makes
+    every prediction that class with probability ~0.99: two such models are
+    told apart by their answers alone.
+    """
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from pipeline.modeling import save_model_folder, scratch_config
+    from pipeline.preprocess import build_char_vocab, make_char_tokenizer
+
+    torch.manual_seed(seed)
+    tok = make_char_tokenizer(build_char_vocab([VOCAB_TEXT]))
+    cfg = scratch_config("tiny", vocab_size=len(tok), num_labels=num_labels, max_length=64)
+    model = BertForSequenceClassification(cfg).eval()
+    with torch.no_grad():
+        bias = torch.full((num_labels,), -3.0)
+        bias[label] = 3.0
+        model.classifier.bias.copy_(bias)
+    meta = ModelMeta(format="pytorch", max_length=64, num_labels=num_labels)
+    return save_model_folder(model, tok, out, meta)
+
+
+def fake_model_folder(out: Path, num_labels: int = 2, fmt: str = "pytorch") -> Path:
+    """A folder that passes the control plane's servability check (no weights)."""
+    out.mkdir(parents=True, exist_ok=True)
+    ModelMeta(format=fmt, max_length=64, num_labels=num_labels).save(out)
+    return out
+
+
+def register_model(
+    stack: Stack,
+    folder: Path | None,
+    *,
+    name: str,
+    num_labels: int = 2,
+    fmt: str = "pytorch",
+) -> int:
+    """Write a Model row into the stack's database and copy ``folder`` into its store."""
+    from sqlmodel import Session
+
+    from textcls.db import engine_for
+    from textcls.models import Model
+    from textcls.store import ArtifactStore, dir_size
+
+    store = ArtifactStore(stack.root / "artifacts")
+    with Session(engine_for(stack.database_url)) as session:
+        row = Model(
+            name=name,
+            format=fmt,
+            size_bytes=dir_size(folder) if folder else 0,
+            num_labels=num_labels,
+            path="pending",
+        )
+        session.add(row)
+        session.flush()
+        assert row.id is not None
+        row.path = store.model_relpath(row.id)
+        session.commit()
+        model_id = row.id
+    if folder is not None:
+        with store.staging() as tmp:
+            shutil.copytree(folder, tmp / "m")
+            store.commit(tmp / "m", store.model_relpath(model_id))
+    return model_id
+
+
+def wait_serving(url: str, model_id: int, timeout: float = 90.0) -> dict[str, Any]:
+    """Wait until the inference worker at ``url`` reports ``model_id`` ready."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/ready", timeout=5)
+            last = r.json()
+            if r.status_code == 200 and last.get("model_id") == model_id:
+                return dict(last)
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not serve model {model_id} within {timeout} s: {last}")
