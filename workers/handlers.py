@@ -294,3 +294,12 @@ def run_evaluate(ctx: JobContext) -> Outcome:
         session.add(row)
 
     return Outcome(metrics=metrics, on_success=record)
+
+
+@handler("pipeline")
+def run_pipeline(ctx: JobContext) -> Outcome:
+    """Plan and submit the first step; the children drive the rest."""
+    from workers.orchestrator import start
+
+    start(ctx.job_id)
+    return Outcome(detach=True)

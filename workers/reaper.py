@@ -119,4 +119,7 @@ def reap_stale_jobs() -> list[tuple[int, str]]:
         else:
             log.warning("job %s failed: %s", job.id, reason)
             actions.append((job.id, "failed" if not job.cancel_requested else "cancelled"))
+            from workers.orchestrator import child_finished
+
+            child_finished(job.id)
     return actions

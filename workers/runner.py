@@ -49,6 +49,9 @@ class Outcome:
     # Called with (session, job, registered model or None) inside the final
     # transaction, for extra rows such as evaluations.
     on_success: Callable[[Session, Job, Model | None], None] | None = None
+    # The job stays running after the handler returns (a pipeline parent,
+    # finished later by its children).
+    detach: bool = False
 
 
 class JobContext:
@@ -248,6 +251,15 @@ def _register(ctx: JobContext, job_id: int, attempt: int, outcome: Outcome) -> b
 
 def execute_job(job_id: int, attempt: int, worker: str = "worker") -> str:
     """Run one job to a final state; returns what happened (for logs and tests)."""
+    result = _execute(job_id, attempt, worker)
+    if result in {"succeeded", "failed", "cancelled"}:
+        from workers.orchestrator import child_finished
+
+        child_finished(job_id)
+    return result
+
+
+def _execute(job_id: int, attempt: int, worker: str) -> str:
     settings = get_settings()
     job = claim(job_id, attempt, worker)
     if job is None:
@@ -268,6 +280,8 @@ def execute_job(job_id: int, attempt: int, worker: str = "worker") -> str:
             outcome = fn(ctx)
             if beat.lost.is_set():
                 return "lost"
+            if outcome.detach:
+                return "detached"
             if _register(ctx, job_id, attempt, outcome):
                 log.info("job %s succeeded", job_id)
                 return "succeeded"

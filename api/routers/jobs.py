@@ -6,6 +6,7 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
+from fastapi.responses import HTMLResponse
 from pydantic import ValidationError
 from sqlmodel import Session, col, select
 
@@ -184,4 +185,59 @@ def cancel_job(session: SessionDep, job_id: int) -> Job:
     cancel_job_tree(session, job)
     session.commit()
     session.refresh(job)
+    if job.parent_id is not None and job.status == JobStatus.cancelled:
+        # A step cancelled on its own stops its pipeline with the reason.
+        from workers.orchestrator import child_finished
+
+        child_finished(job.id)  # type: ignore[arg-type]
+        session.refresh(job)
     return job
+
+
+def _pipeline_or_404(session: Session, job_id: int) -> Job:
+    job = get_job(session, job_id)
+    if job.kind != "pipeline":
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, detail=f"job {job_id} is a {job.kind} job, not a pipeline"
+        )
+    return job
+
+
+def pipeline_report(session: Session, job: Job) -> dict[str, Any]:
+    from workers.orchestrator import build_report
+
+    if job.status == JobStatus.succeeded and (job.metrics or {}).get("variants") is not None:
+        report = dict(job.metrics)
+    else:
+        report = build_report(session, job)
+    children = session.exec(select(Job).where(Job.parent_id == job.id).order_by(col(Job.id)))
+    report["status"] = job.status
+    report["error"] = job.error
+    report["steps"] = [
+        {
+            "job_id": c.id,
+            "step": (c.params or {}).get("_step", c.kind),
+            "kind": c.kind,
+            "status": c.status,
+            "output_model_id": c.output_model_id,
+            "error": c.error,
+        }
+        for c in children
+    ]
+    return report
+
+
+@router.get("/{job_id}/report")
+def get_report(session: SessionDep, job_id: int) -> dict[str, Any]:
+    """A pipeline's comparison of every variant (JSON)."""
+    job = _pipeline_or_404(session, job_id)
+    return pipeline_report(session, job)
+
+
+@router.get("/{job_id}/report.html", response_class=HTMLResponse)
+def get_report_html(session: SessionDep, job_id: int) -> HTMLResponse:
+    """The same comparison as a self-contained page with an accuracy/latency chart."""
+    from api.report_html import render_report
+
+    job = _pipeline_or_404(session, job_id)
+    return HTMLResponse(render_report(pipeline_report(session, job), str(job.status)))
