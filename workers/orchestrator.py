@@ -59,9 +59,10 @@ def _model_step(name: str, p: PipelineParams, source: int | None) -> Step | None
         return Step(
             "train",
             "train",
+            # Checkpoints are chosen on a split of the training data, so the
+            # evaluation set stays held out for the comparison.
             {
                 "dataset_id": p.dataset_id,
-                "eval_dataset_id": p.eval_dataset_id,
                 "base_model": p.base_model or "scratch:tiny",
                 **t,
             },
@@ -87,7 +88,6 @@ def _model_step(name: str, p: PipelineParams, source: int | None) -> Step | None
             {
                 "teacher_model_id": source,
                 "dataset_id": p.dataset_id,
-                "eval_dataset_id": p.eval_dataset_id,
                 "student_layers": p.student_layers,
                 **t,
             },
