@@ -100,7 +100,7 @@ class DynamicBatcher:
 
     @property
     def queued_texts(self) -> int:
-        return sum(c.remaining for c in self._pending)
+        return sum(c.remaining for c in list(self._pending))
 
     # ------------------------------------------------------------------ requests
     async def predict(self, model: Any, texts: Sequence[str]) -> Result:

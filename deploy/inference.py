@@ -16,6 +16,7 @@ Request and response shapes are the seed's, exactly::
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -215,7 +216,7 @@ def create_app(
         try:
             yield
         finally:
-            registry.stop()
+            await asyncio.to_thread(registry.stop)  # joins threads: keep the loop free
             await batcher.stop()
 
     app = FastAPI(
@@ -345,7 +346,9 @@ def create_app(
         )
 
     @app.get("/metrics", tags=["meta"])
-    def prometheus_metrics() -> Response:
+    async def prometheus_metrics() -> Response:
+        # async on purpose: the queue gauge reads the batcher's deque, which only
+        # the event loop thread may touch.
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
