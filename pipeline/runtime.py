@@ -1,0 +1,308 @@
+"""Load any textcls model folder for inference: the one path used by evaluation and serving.
+
+:func:`load_predictor` reads the folder's ``textcls.json`` and returns a
+:class:`Predictor` for its format: ``pytorch`` (a transformers model) or
+``onnx`` / ``onnx-fp16`` / ``onnx-int8`` (an ONNX Runtime session on
+``model.onnx``). Every predictor tokenizes with the folder's own tokenizer and
+:func:`pipeline.preprocess.encode`, exactly as training did.
+
+The ONNX contract (see :mod:`pipeline.export`): int64 inputs ``input_ids``,
+``attention_mask``, ``token_type_ids`` of shape ``[batch, sequence]``; output
+``logits``, float32 ``[batch, num_labels]``.
+
+Predictors are safe to call from several threads at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.common import StepError
+from pipeline.preprocess import META_FILE, ModelMeta, encode, load_tokenizer, token_lengths
+
+log = logging.getLogger(__name__)
+
+ONNX_FORMATS = ("onnx", "onnx-fp16", "onnx-int8")
+FORMATS = ("pytorch", *ONNX_FORMATS)
+ONNX_FILE = "model.onnx"
+LOGITS = "logits"
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# predict_logits splits long lists into length-sorted chunks of this size so a
+# call with thousands of texts neither pads them all to one length nor
+# allocates one giant batch.
+DEFAULT_CHUNK = 64
+# Custom architectures (model_type in config.json) and the module that registers
+# each with transformers' Auto classes when imported.
+CUSTOM_MODEL_TYPES = {"textcls_pruned_bert": "pipeline.prune"}
+
+
+def register_architecture(model_dir: Path) -> None:
+    """Import whatever module registers the folder's ``model_type`` (e.g. a pruned BERT)."""
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        return
+    model_type = json.loads(config_path.read_text()).get("model_type")
+    module = CUSTOM_MODEL_TYPES.get(str(model_type))
+    if module:
+        importlib.import_module(module)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float32, stable for large logits."""
+    z = logits.astype(np.float32) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    out: np.ndarray = e / e.sum(axis=-1, keepdims=True)
+    return out
+
+
+class Predictor(ABC):
+    """A loaded model: texts in, logits / labels and probabilities out."""
+
+    format: str
+    device: str
+    num_labels: int
+    max_length: int
+    model_dir: Path
+
+    def __init__(self, model_dir: Path, meta: ModelMeta, tokenizer: Any, device: str) -> None:
+        self.model_dir = Path(model_dir)
+        self.meta = meta
+        self.format = meta.format
+        self.num_labels = int(meta.num_labels)
+        self.max_length = int(meta.max_length)
+        self.device = device
+        self.tokenizer = tokenizer
+        # HF fast tokenizers mutate their Rust-side truncation/padding state on
+        # every call, and concurrent calls fail with "Already borrowed"; the
+        # model call itself runs outside this lock.
+        self._tok_lock = threading.Lock()
+
+    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Tokenize like training did (dynamic padding, truncation at ``max_length``)."""
+        with self._tok_lock:
+            return encode(self.tokenizer, texts, self.max_length)
+
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Token counts (with specials, capped at ``max_length``), for length grouping."""
+        with self._tok_lock:
+            return token_lengths(self.tokenizer, texts, self.max_length)
+
+    @abstractmethod
+    def predict_encoded(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Logits (float32 ``[n, num_labels]``) for an already encoded batch."""
+
+    def predict_logits(self, texts: Sequence[str], chunk_size: int = DEFAULT_CHUNK) -> np.ndarray:
+        """Logits (float32 ``[n, num_labels]``) for ``texts``, in their order."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.num_labels), dtype=np.float32)
+        if len(texts) <= chunk_size:
+            return self.predict_encoded(self.encode(texts))
+        # Character count is a good enough proxy for token count to group by.
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        out = np.zeros((len(texts), self.num_labels), dtype=np.float32)
+        for start in range(0, len(texts), chunk_size):
+            idx = order[start : start + chunk_size]
+            out[idx] = self.predict_encoded(self.encode([texts[i] for i in idx]))
+        return out
+
+    def predict(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(labels int64 [n], softmax probability of each predicted label float32 [n])``."""
+        logits = self.predict_logits(texts)
+        probs = softmax(logits)
+        labels = probs.argmax(axis=-1).astype(np.int64)
+        return labels, probs[np.arange(len(labels)), labels].astype(np.float32)
+
+    @abstractmethod
+    def close(self) -> None:
+        """Drop the model so its (GPU) memory can be freed once nothing else holds it."""
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.model_dir}, format={self.format}, device={self.device})"
+        )
+
+
+class TorchPredictor(Predictor):
+    """A transformers sequence classifier in eval mode."""
+
+    def __init__(self, model_dir: Path, meta: ModelMeta, tokenizer: Any, device: str) -> None:
+        import torch
+
+        from pipeline.modeling import load_model
+
+        super().__init__(model_dir, meta, tokenizer, device)
+        register_architecture(model_dir)
+        self._torch_device = torch.device(device)
+        model = load_model(model_dir).float().eval().to(self._torch_device)
+        params = inspect.signature(model.forward).parameters
+        # Some architectures (DistilBERT...) take no token_type_ids.
+        self._inputs = tuple(name for name in MODEL_INPUTS if name in params)
+        self.model: Any = model
+        got = int(model.config.num_labels)
+        if got != self.num_labels:
+            raise StepError(f"{META_FILE} says {self.num_labels} labels but the model has {got}")
+
+    def predict_encoded(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        import torch
+
+        inputs = {
+            k: torch.from_numpy(np.ascontiguousarray(batch[k], dtype=np.int64)).to(
+                self._torch_device
+            )
+            for k in self._inputs
+            if k in batch
+        }
+        with torch.inference_mode():
+            logits = self.model(**inputs).logits
+        return np.asarray(logits.float().cpu().numpy(), dtype=np.float32)
+
+    def close(self) -> None:
+        self.model = None
+        if self._torch_device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+class OnnxPredictor(Predictor):
+    """An ONNX Runtime session on ``model.onnx``, fed only the inputs it declares."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        meta: ModelMeta,
+        tokenizer: Any,
+        *,
+        want_cuda: bool | None,
+        threads: int | None,
+    ) -> None:
+        import onnxruntime as ort
+
+        path = Path(model_dir) / ONNX_FILE
+        if not path.is_file():
+            raise StepError(f"{model_dir} is a {meta.format} model but has no {ONNX_FILE}")
+        available = ort.get_available_providers()
+        cuda = "CUDAExecutionProvider"
+        if want_cuda and cuda not in available:
+            raise StepError(
+                "device cuda was requested but ONNX Runtime has no CUDAExecutionProvider here "
+                f"(available: {available})"
+            )
+        use_cuda = want_cuda is not False and cuda in available
+        providers = [cuda, "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = graph_optimization_level(meta.format)
+        try:
+            session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as exc:  # ORT raises its own exception types; the caller needs one
+            raise StepError(f"ONNX Runtime could not load {path}: {exc}") from exc
+        # ORT falls back to the CPU if the CUDA provider fails to initialise.
+        device = "cuda" if session.get_providers()[0] == cuda else "cpu"
+        super().__init__(model_dir, meta, tokenizer, device)
+        self.session: Any = session
+        self._inputs = {i.name: _np_dtype(i.type) for i in session.get_inputs()}
+        outputs = [o.name for o in session.get_outputs()]
+        self._output = LOGITS if LOGITS in outputs else outputs[0]
+        missing = set(self._inputs) - set(MODEL_INPUTS)
+        if missing:
+            raise StepError(f"{path.name} wants inputs {sorted(missing)} outside the contract")
+
+    def predict_encoded(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        feed = {name: np.asarray(batch[name], dtype=dtype) for name, dtype in self._inputs.items()}
+        (logits,) = self.session.run([self._output], feed)
+        return np.asarray(logits, dtype=np.float32)
+
+    def close(self) -> None:
+        self.session = None
+
+
+def graph_optimization_level(fmt: str) -> Any:
+    """ORT_ENABLE_ALL, except for fp16 graphs, which the fp16 step has already fused.
+
+    Re-running the full optimiser on a fused fp16 graph gains nothing, and on
+    the CPU its layout rewrites act on the Casts ORT inserts for kernels that
+    have no fp16 version; the basic level (constant folding, redundancy
+    elimination) is safe for every provider.
+    """
+    import onnxruntime as ort
+
+    if fmt == "onnx-fp16":
+        return ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+
+def _np_dtype(onnx_type: str) -> Any:
+    # The contract says int64; a graph that declares int32 gets int32.
+    return np.int32 if onnx_type == "tensor(int32)" else np.int64
+
+
+def _want_cuda(device: str) -> bool | None:
+    """``None``: use CUDA if available; ``True``: required; ``False``: never."""
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        return None
+    if name == "cpu":
+        return False
+    if name in ("cuda", "gpu") or name.startswith("cuda:"):
+        return True
+    raise StepError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
+
+
+def _torch_device(device: str) -> str:
+    import torch
+
+    want = _want_cuda(device)
+    name = (device or "").strip().lower()
+    if want is False:
+        return "cpu"
+    if torch.cuda.is_available():
+        return name if name.startswith("cuda:") else "cuda"
+    if want:
+        raise StepError(f"device {device!r} was requested but CUDA is not available here")
+    return "cpu"
+
+
+def load_predictor(
+    model_dir: Path, *, device: str = "auto", threads: int | None = None
+) -> Predictor:
+    """Load a textcls model folder of any format for inference.
+
+    ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda``/``gpu``
+    (an error if unavailable). ``threads`` sets ONNX Runtime's intra-op
+    threads; for PyTorch it calls ``torch.set_num_threads``, which is
+    process-wide.
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / META_FILE).is_file():
+        raise StepError(f"{model_dir} is not a textcls model folder (no {META_FILE})")
+    meta = ModelMeta.load(model_dir)
+    if meta.format not in FORMATS:
+        raise StepError(f"unknown model format {meta.format!r} in {model_dir / META_FILE}")
+    tokenizer = load_tokenizer(model_dir)
+    predictor: Predictor
+    if meta.format == "pytorch":
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        predictor = TorchPredictor(model_dir, meta, tokenizer, _torch_device(device))
+    else:
+        predictor = OnnxPredictor(
+            model_dir, meta, tokenizer, want_cuda=_want_cuda(device), threads=threads
+        )
+    log.info("loaded %r", predictor)
+    return predictor
