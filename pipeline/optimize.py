@@ -140,6 +140,38 @@ def attention_shape(model_path: Path, config: dict[str, Any]) -> AttentionShape:
     return AttentionShape(heads, heads * size, "config")
 
 
+class _DropPrunedWidthWarning(logging.Filter):
+    """ORT warns when the attention width differs from the input width; for a pruned
+    model that is expected (its docs: hidden_size is "the hidden dimension after pruning")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is not same as weight matrix dimension" not in record.getMessage()
+
+
+def fuse_bert(
+    model_path: Path, config: dict[str, Any], *, use_gpu: bool = False
+) -> tuple[Any, AttentionShape]:
+    """ORT's BERT fusion of ``model_path`` (an ``OnnxModel``) and the attention shape it used."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    shape = attention_shape(model_path, config)
+    fusion_log = logging.getLogger("fusion_attention")
+    quiet = _DropPrunedWidthWarning()
+    fusion_log.addFilter(quiet)
+    try:
+        model = optimize_model(
+            str(model_path),
+            model_type="bert",
+            num_heads=shape.num_heads,
+            hidden_size=shape.hidden_size,
+            opt_level=0,  # Python fusions only: no provider-specific rewrites baked in
+            use_gpu=use_gpu,
+        )
+    finally:
+        fusion_log.removeFilter(quiet)
+    return model, shape
+
+
 def cpu_inserted_casts(model_path: Path) -> int:
     """How many Casts ONNX Runtime adds on the CPU to run fp16 nodes in float32."""
     import onnx
@@ -181,8 +213,6 @@ def to_fp16(
     progress: ProgressFn = no_progress,
 ) -> OptimizeResult:
     """Fuse an fp32 ``onnx`` folder's graph and convert it to ``onnx-fp16``."""
-    from onnxruntime.transformers.optimizer import optimize_model
-
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     meta = require_format(onnx_dir, ["onnx"], "fp16")
     texts = resolve_check_texts(check_texts)
@@ -192,15 +222,7 @@ def to_fp16(
 
     progress(0.0, "fusing graph")
     config = json.loads((onnx_dir / "config.json").read_text())
-    shape = attention_shape(parent_path, config)
-    model = optimize_model(
-        str(parent_path),
-        model_type="bert",
-        num_heads=shape.num_heads,
-        hidden_size=shape.hidden_size,
-        opt_level=0,  # Python fusions only: no provider-specific rewrites baked in
-        use_gpu=gpu,
-    )
+    model, shape = fuse_bert(parent_path, config, use_gpu=gpu)
     stats = model.get_fused_operator_statistics()
     fused = {op: int(stats.get(op, 0)) for op in FUSED_OP_TYPES}
     fused.update({op: int(n) for op, n in stats.items() if n})

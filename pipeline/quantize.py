@@ -103,20 +103,10 @@ def weight_params(model_path: Path) -> dict[str, int]:
 
 def _fused_copy(onnx_dir: Path, tmp: Path) -> Path:
     """The parent graph after ORT's BERT fusion (the ``fuse=True`` source)."""
-    from onnxruntime.transformers.optimizer import optimize_model
+    from pipeline.optimize import fuse_bert
 
-    from pipeline.optimize import attention_shape
-
-    parent = onnx_dir / MODEL_FILE
     config = json.loads((onnx_dir / "config.json").read_text())
-    shape = attention_shape(parent, config)
-    model = optimize_model(
-        str(parent),
-        model_type="bert",
-        num_heads=shape.num_heads,
-        hidden_size=shape.hidden_size,
-        opt_level=0,
-    )
+    model, _ = fuse_bert(onnx_dir / MODEL_FILE, config)
     path = tmp / "fused.onnx"
     model.save_model_to_file(str(path), use_external_data_format=False)
     return path
