@@ -260,7 +260,7 @@ def create_app(
             return JSONResponse({"detail": exc.message}, status_code=exc.status)
         # Pin the model now: the whole response comes from it even if a swap
         # happens while this request waits in the queue.
-        model = registry.current
+        model = registry.acquire()
         if model is None:
             return JSONResponse(
                 {"detail": registry.unavailable_reason()},
@@ -271,6 +271,8 @@ def create_app(
             labels, probs = await batcher.predict(model, texts)
         except BatcherClosed as exc:
             return JSONResponse({"detail": str(exc)}, status_code=503)
+        finally:
+            model.release()
         metrics.texts.inc(len(texts))
         if single:
             return JSONResponse(

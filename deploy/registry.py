@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,9 +37,14 @@ PathFn = Callable[[ServedModel], Path]
 WARMUP_TEXTS = ["好", "这个东西很好用", "质量一般，物流很慢，客服态度也不好，不会再买了。" * 3]
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class LoadedModel:
-    """A model ready to serve; requests hold on to the one they started with."""
+    """A model ready to serve; requests hold on to the one they started with.
+
+    ``users`` counts requests in flight on it. Once swapped out (``retired``)
+    and unused, its predictor is closed so its memory (GPU memory above all)
+    goes back at once rather than whenever the last reference disappears.
+    """
 
     model_id: int
     deployment_id: int
@@ -47,10 +52,44 @@ class LoadedModel:
     predictor: Any
     loaded_at: datetime
     load_seconds: float
+    users: int = 0
+    retired: bool = False
+    closed: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def device(self) -> str:
         return str(getattr(self.predictor, "device", "cpu"))
+
+    def acquire(self) -> None:
+        with self._lock:
+            self.users += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.users -= 1
+            close = self.retired and self.users == 0 and not self.closed
+            self.closed = self.closed or close
+        if close:
+            self._close()
+
+    def retire(self) -> None:
+        with self._lock:
+            self.retired = True
+            close = self.users == 0 and not self.closed
+            self.closed = self.closed or close
+        if close:
+            self._close()
+
+    def _close(self) -> None:
+        closer = getattr(self.predictor, "close", None)
+        if closer is None:
+            return
+        try:
+            closer()
+            log.info("closed model %s (swapped out, no requests left on it)", self.model_id)
+        except Exception:
+            log.warning("closing model %s failed", self.model_id, exc_info=True)
 
 
 def default_loader(folder: Path, device: str, threads: int | None) -> Any:
@@ -106,8 +145,20 @@ class ModelRegistry:
     # ------------------------------------------------------------------ serving side
     @property
     def current(self) -> LoadedModel | None:
-        """The model to pin for a new request (a plain read: the swap is one assignment)."""
+        """The served model (a plain read: the swap is one assignment)."""
         return self._current
+
+    def acquire(self) -> LoadedModel | None:
+        """Pin the served model for one request; pair with ``LoadedModel.release``.
+
+        Under the swap lock, so a model cannot be retired between being read
+        and being counted as in use.
+        """
+        with self._swap_lock:
+            cur = self._current
+            if cur is not None:
+                cur.acquire()
+            return cur
 
     def status(self) -> dict[str, Any]:
         cur = self._current
@@ -245,6 +296,8 @@ class ModelRegistry:
         with self._swap_lock:
             old = self._current
             self._current = loaded
+            if old is not None:
+                old.retire()
         self.last_error = None
         log.info(
             "now serving model %s (deployment %s, %s on %s; loaded in %.1f s)%s",

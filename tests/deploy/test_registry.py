@@ -20,6 +20,10 @@ class FakePredictor:
     def __init__(self, folder: Path) -> None:
         self.label = int(folder.name)  # folder "models/<id>": predicts class id % 2
         self.device = "cpu"
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
 
     def predict(self, texts: Sequence[str]) -> tuple[list[int], list[float]]:
         return [self.label % 2] * len(texts), [0.9] * len(texts)
@@ -167,9 +171,12 @@ def test_in_process_app_api_key_ready_and_pinning() -> None:
         db.deploy(8)
         app.state.registry.nudge()
         _wait(lambda: client.get("/ready").json()["model_id"] == 8)
+        assert not pinned.predictor.closed  # still in use by the request
         release.set()
         t.join()
         assert results[0].json()["model_id"] == 7
+        assert pinned.users == 0 and pinned.predictor.closed  # freed once it finished
+        assert not app.state.registry.current.predictor.closed
         assert client.post("/predict", json={"text": "x"}, headers=key).json()["categories"] == 0
 
 
