@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     batch_max_size: int = 32
     batch_max_wait_ms: float = 5.0
     predict_chunk_size: int = 32
+    # Inference workers re-read the current deployment this often even without
+    # a pub/sub message (a missed message or a Redis restart delays a switch,
+    # never loses it).
+    deployment_poll_interval: float = 5.0
+    inference_device: str = "auto"
+    inference_threads: int | None = None
 
     def resolved_database_url(self) -> str:
         if self.database_url:
