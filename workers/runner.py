@@ -272,7 +272,10 @@ def _execute(job_id: int, attempt: int, worker: str) -> str:
     with Heartbeat(job_id, attempt, settings.heartbeat_interval) as beat:
         ctx: JobContext | None = None
         try:
-            params = parse_params(job.kind, job.params)
+            # Keys starting with "_" are bookkeeping (a pipeline step's name),
+            # never user input: the API rejects them.
+            user_params = {k: v for k, v in (job.params or {}).items() if not k.startswith("_")}
+            params = parse_params(job.kind, user_params)
             fn = HANDLERS.get(job.kind)
             if fn is None:
                 raise StepError(f"no handler for job kind {job.kind!r}")
