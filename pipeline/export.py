@@ -88,7 +88,8 @@ def require_format(model_dir: Path, allowed: Sequence[str], step: str) -> ModelM
     meta = ModelMeta.load(model_dir)
     if meta.format not in allowed:
         want = " or ".join(allowed)
-        raise StepError(f"{step} needs a {want} model, got {meta.format}")
+        article = "an" if want[0] in "aeiou" else "a"
+        raise StepError(f"{step} needs {article} {want} model, got {meta.format}")
     if meta.format.startswith("onnx") and not (model_dir / MODEL_FILE).is_file():
         raise StepError(f"{step}: {model_dir} has no {MODEL_FILE}")
     return meta
@@ -255,6 +256,9 @@ def export_module(model: Any, tokenizer: Any, out_path: Path, max_length: int, o
         # check below runs other shapes, which is what would catch a baked-in branch.
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*dynamo=False.*")
+        # "aten::index ... negative indices": HF's padding mask indexes with
+        # torch.arange batch/kv indices, which are never negative.
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         with torch.no_grad():

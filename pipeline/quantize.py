@@ -217,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--per-channel", action="store_true")
     p.add_argument("--fuse", action="store_true", help="quantize the ORT-fused graph instead")
     p.add_argument("--check-data", type=Path, default=None, help="TSV whose sentences to check")
+    p.add_argument("--min-agreement", type=float, default=INT8_MIN_AGREEMENT)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -226,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             per_channel=args.per_channel,
             check_texts=load_check_texts(args.check_data),
             fuse=args.fuse,
+            min_agreement=args.min_agreement,
         )
     except StepError as exc:
         log.error("%s", exc)
