@@ -148,6 +148,22 @@ def migrate() -> None:
 
 
 @app.command()
+def check() -> None:
+    """Check that the database agrees with the artifact folder (exit 1 if not)."""
+    from textcls.consistency import check_consistency
+    from textcls.db import session_scope
+    from textcls.store import ArtifactStore
+
+    with session_scope() as session:
+        problems = check_consistency(session, ArtifactStore())
+    for problem in problems:
+        console.print(f"[red]problem:[/red] {problem}")
+    if problems:
+        raise typer.Exit(1)
+    console.print("consistent: every row has its artifact and every artifact its row")
+
+
+@app.command()
 def api(
     host: Annotated[str | None, typer.Option()] = None,
     port: Annotated[int | None, typer.Option()] = None,
