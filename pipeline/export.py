@@ -48,6 +48,8 @@ MAX_ONNX_BYTES = 2 * 1024**3
 CHECK_BATCH_SIZE = 8
 # How many texts are also checked one at a time (batch 1, unpadded).
 CHECK_SINGLES = 3
+# A check is a sanity test, not an evaluation: cap it (base BERT on a CPU: ~15 s).
+MAX_CHECK_TEXTS = 512
 LATENCY_REPEATS = 20
 LATENCY_WARMUP = 3
 
@@ -132,11 +134,23 @@ def check_contract(model_path: Path, num_labels: int | None = None) -> None:
         raise StepError(f"{model_path.name} breaks the ONNX contract: " + "; ".join(problems))
 
 
-def ort_session(model_path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
-    """An ONNX Runtime session on ``providers`` (in order of preference)."""
+def ort_session(
+    model_path: Path,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    *,
+    basic_optimization: bool = False,
+) -> Any:
+    """An ONNX Runtime session on ``providers`` (in order of preference).
+
+    ``basic_optimization`` mirrors how ``pipeline.runtime`` serves already-fused
+    fp16 graphs (ORT_ENABLE_BASIC), so a check runs what will be served.
+    """
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(model_path), providers=list(providers))
+    opts = ort.SessionOptions()
+    if basic_optimization:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(str(model_path), opts, providers=list(providers))
 
 
 def check_batches(n: int, batch_size: int = CHECK_BATCH_SIZE) -> list[list[int]]:
@@ -184,10 +198,13 @@ def median_latency_ms(
 
 
 def resolve_check_texts(check_texts: Sequence[str] | None) -> list[str]:
+    """The non-empty check texts (built-in ones if none), at most ``MAX_CHECK_TEXTS``."""
     texts = [t for t in (check_texts or DEFAULT_CHECK_TEXTS) if t and t.strip()]
     if not texts:
         raise StepError("no non-empty check texts given")
-    return texts
+    if len(texts) > MAX_CHECK_TEXTS:
+        log.info("checking the first %d of %d texts", MAX_CHECK_TEXTS, len(texts))
+    return texts[:MAX_CHECK_TEXTS]
 
 
 def finish_onnx_folder(src_dir: Path, out_dir: Path, meta: ModelMeta) -> None:
