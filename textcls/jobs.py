@@ -6,11 +6,63 @@ workers (typed parameters). Unknown parameters are errors (``extra=forbid``).
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from textcls.settings import get_settings
+
 QUEUE_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+# A Hugging Face Hub id: "name" or "org/name", no path tricks.
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
+
+
+def check_local_model_dir(value: str) -> str:
+    """A user-named model folder: absolute, and inside an allowed import folder.
+
+    Returns the resolved path (symlinks followed), so the worker reads exactly
+    the folder that was checked. Raises ValueError naming the allowed folders.
+    """
+    roots = get_settings().resolved_model_import_dirs()
+    allowed = ", ".join(str(r) for r in roots)
+    if "\x00" in value:
+        raise ValueError("a model folder path must not contain NUL characters")
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        raise ValueError(
+            f"local model folders must be absolute paths under {allowed} "
+            f"(TEXTCLS_MODEL_IMPORT_DIRS); got {value!r}"
+        )
+    resolved = path.resolve()
+    if not any(resolved == r or r in resolved.parents for r in roots):
+        raise ValueError(
+            f"{value!r} is outside the folders models may be imported from: {allowed} "
+            "(set TEXTCLS_MODEL_IMPORT_DIRS)"
+        )
+    return str(resolved)
+
+
+def check_model_source(value: str) -> str:
+    """``scratch:<preset>``, a hub id, or an allowed local folder (see above)."""
+    if value.startswith("scratch:"):
+        return value
+    if value.startswith(("/", "~", ".")) or "\\" in value or ".." in value:
+        return check_local_model_dir(value)
+    if HUB_ID_RE.match(value):
+        if Path(value).exists():
+            # The loader would take it as a folder relative to the worker's
+            # working directory: local folders must be named absolutely.
+            raise ValueError(
+                f"{value!r} names a path in the working directory; give local model "
+                "folders as absolute paths under an import folder"
+            )
+        return value
+    raise ValueError(
+        "must be scratch:<preset>, a hub id (name or org/name) or an absolute local "
+        f"model folder; got {value!r}"
+    )
 
 
 class JobParams(BaseModel):
@@ -41,6 +93,11 @@ class TrainParams(TrainingParams):
         description="local model folder, hub id, or scratch:tiny / scratch:small / scratch:base",
     )
 
+    @field_validator("base_model")
+    @classmethod
+    def _base_model(cls, value: str) -> str:
+        return check_model_source(value)
+
 
 class PruneParams(TrainingParams):
     model_id: int
@@ -55,10 +112,17 @@ class DistillParams(TrainingParams):
     dataset_id: int
     eval_dataset_id: int | None = None
     student_layers: int = Field(default=3, ge=1, le=48)
-    student_model_dir: str | None = Field(default=None, max_length=500)
+    student_model_dir: str | None = Field(
+        default=None, max_length=500, description="a local folder under an import folder"
+    )
     temperature: float = Field(default=4.0, gt=0, le=100)
     hidden_match: bool = True
     epochs: int = Field(default=5, ge=1, le=100)
+
+    @field_validator("student_model_dir")
+    @classmethod
+    def _student_dir(cls, value: str | None) -> str | None:
+        return None if value is None else check_local_model_dir(value)
 
 
 class ExportParams(JobParams):
@@ -102,6 +166,11 @@ class PipelineParams(TrainingParams):
     target_heads: int = Field(default=8, ge=1, le=64)
     target_ffn: int = Field(default=2048, ge=1, le=16384)
     student_layers: int = Field(default=3, ge=1, le=48)
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model(cls, value: str | None) -> str | None:
+        return None if value is None else check_model_source(value)
 
     @field_validator("steps")
     @classmethod

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -33,6 +36,10 @@ class Settings(BaseSettings):
     # Security: a key guards state-changing control-plane calls when set.
     api_key: str | None = None
     predict_api_key: str | None = None
+    # Folders a job may read a user-named local model from (``base_model``,
+    # ``student_model_dir``): a JSON list or os.pathsep/comma-separated paths.
+    # Empty: only ``data_dir/imports``.
+    model_import_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
 
     # Limits.
     max_upload_bytes: int = 50 * 1024 * 1024
@@ -46,6 +53,9 @@ class Settings(BaseSettings):
     heartbeat_timeout: float = 60.0
     reaper_interval: float = 10.0
     max_attempts: int = 2
+    # A job queued this long whose message is in no broker queue (lost in a
+    # Redis restart) is sent again by the reaper.
+    requeue_lost_after: float = 60.0
     visibility_timeout: int = 6 * 3600
 
     # Inference worker dynamic batching.
@@ -58,6 +68,22 @@ class Settings(BaseSettings):
     deployment_poll_interval: float = 5.0
     inference_device: str = "auto"
     inference_threads: int | None = None
+
+    @field_validator("model_import_dirs", mode="before")
+    @classmethod
+    def _split_dirs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            parts = text.replace(",", os.pathsep).split(os.pathsep)
+            return [p.strip() for p in parts if p.strip()]
+        return value
+
+    def resolved_model_import_dirs(self) -> list[Path]:
+        """Absolute folders under which user-named local models may be read."""
+        dirs = self.model_import_dirs or [self.data_dir / "imports"]
+        return [Path(d).expanduser().resolve() for d in dirs]
 
     def resolved_database_url(self) -> str:
         if self.database_url:

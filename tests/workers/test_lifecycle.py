@@ -63,7 +63,9 @@ def test_failed_job_says_why(
     stack.start_api()
     stack.start_worker()
     train = stack.upload(job_splits.train)
-    job = stack.submit("train", dataset_id=train["id"], base_model=str(tmp_path / "nope"))
+    job = stack.submit(
+        "train", dataset_id=train["id"], base_model=str(stack.root / "imports" / "nope")
+    )
     done = stack.wait_job(job["id"], timeout=120)
     assert done["status"] == "failed"
     assert "nope" in done["error"]

@@ -140,7 +140,7 @@ def test_pipeline_failing_step_and_cancel(
         "pipeline",
         dataset_id=train["id"],
         eval_dataset_id=dev["id"],
-        base_model=str(tmp_path / "no-such-model"),
+        base_model=str(stack.root / "imports" / "no-such-model"),
         **TRAIN,
     )
     done = stack.wait_job(bad["id"], timeout=120)
