@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 class Reaper:
-    """Background thread that requeues or fails jobs whose worker went silent."""
+    """Background thread: requeues or fails jobs whose worker went silent, and
+    sends again the messages of queued jobs that the broker lost."""
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
@@ -34,13 +35,14 @@ class Reaper:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        from workers.reaper import reap_stale_jobs
+        from workers.reaper import reap_stale_jobs, requeue_lost_messages
 
         while not self._stop.wait(self.interval):
-            try:
-                reap_stale_jobs()
-            except Exception:  # the database may be briefly away
-                log.warning("reaper sweep failed", exc_info=True)
+            for sweep in (reap_stale_jobs, requeue_lost_messages):
+                try:
+                    sweep()
+                except Exception:  # the database may be briefly away
+                    log.warning("reaper sweep %s failed", sweep.__name__, exc_info=True)
 
 
 def create_app(*, reaper: bool = True) -> FastAPI:

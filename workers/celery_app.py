@@ -26,6 +26,10 @@ def make_celery() -> Celery:
         # mid-job does not lose it; prefetch 1 so a long job holds one message.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # A Redis restart must not stop running jobs: they beat to the database
+        # and finish; their message cannot be acked any more, and a redelivery is
+        # skipped by the job's (id, attempt) claim. (Celery 6 flips this default.)
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         worker_send_task_events=True,

@@ -17,7 +17,7 @@ from sqlalchemy import update
 from sqlmodel import col, select
 
 from textcls.db import session_scope
-from textcls.models import Job, JobStatus, utcnow
+from textcls.models import FINAL_STATUSES, Job, JobStatus, utcnow
 from textcls.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -122,4 +122,91 @@ def reap_stale_jobs() -> list[tuple[int, str]]:
             from workers.orchestrator import child_finished
 
             child_finished(job.id)
+    return actions
+
+
+def requeue_lost_messages() -> list[tuple[int, str]]:
+    """Send again the message of each job queued for long whose message the broker lost.
+
+    A Redis server that keeps nothing on disk forgets every queued message when
+    it restarts, while the database still says ``queued``. A job queued for
+    longer than ``requeue_lost_after`` seconds whose ``(id, attempt)`` is in no
+    broker queue and not unacked is sent again under the same attempt: if the
+    old message turns up after all, the claim lets only one of the two run it.
+    A queued step of a pipeline that already ended is cancelled instead.
+    Returns (job id, action) pairs.
+    """
+    from workers.broker import job_messages
+    from workers.celery_app import send_job
+
+    settings = get_settings()
+    cutoff = utcnow() - timedelta(seconds=settings.requeue_lost_after)
+    with session_scope() as s:
+        waiting = list(
+            s.exec(
+                select(Job)
+                .where(col(Job.status) == JobStatus.queued)
+                .where(col(Job.updated_at) < cutoff)
+                .order_by(col(Job.id))
+            )
+        )
+        parent_ids = {j.parent_id for j in waiting if j.parent_id is not None}
+        ended_parents = {
+            p.id: p.status
+            for p in s.exec(select(Job).where(col(Job.id).in_(parent_ids)))
+            if p.status in FINAL_STATUSES
+        }
+    if not waiting:
+        return []
+    try:
+        present = job_messages(settings.resolved_broker_url(), {j.queue for j in waiting})
+    except Exception as exc:
+        log.warning("cannot read the broker's queues (%s); checking again next sweep", exc)
+        return []
+    actions: list[tuple[int, str]] = []
+    for job in waiting:
+        assert job.id is not None
+        if (job.id, job.attempt) in present:
+            continue
+        now = utcnow()
+        ended = ended_parents.get(job.parent_id) if job.parent_id is not None else None
+        stmt = (
+            update(Job)
+            .where(col(Job.id) == job.id)
+            .where(col(Job.attempt) == job.attempt)
+            .where(col(Job.status) == JobStatus.queued)
+        )
+        if ended is not None:
+            stmt = stmt.values(
+                status=JobStatus.cancelled,
+                error=f"its pipeline (job {job.parent_id}) is already {ended}",
+                stage="cancelled",
+                finished_at=now,
+                updated_at=now,
+            )
+        else:
+            stmt = stmt.values(stage="message lost by the broker; sent again", updated_at=now)
+        with session_scope() as s:
+            res = s.exec(stmt)
+            s.commit()
+            if res.rowcount == 0:
+                continue  # started or cancelled meanwhile
+        if ended is not None:
+            log.warning("job %s cancelled: its pipeline %s is %s", job.id, job.parent_id, ended)
+            actions.append((job.id, "cancelled"))
+            continue
+        try:
+            task_id = send_job(job.id, job.attempt, job.queue)
+        except Exception as exc:  # the next sweep tries again
+            log.error("could not re-send the lost message of job %s: %s", job.id, exc)
+            continue
+        with session_scope() as s:
+            s.exec(update(Job).where(col(Job.id) == job.id).values(task_id=task_id))
+            s.commit()
+        log.warning(
+            "job %s (attempt %s) was queued but its message was not in the broker: sent again",
+            job.id,
+            job.attempt,
+        )
+        actions.append((job.id, "resent"))
     return actions
