@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from functools import lru_cache
@@ -10,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, create_engine
 
 from textcls.settings import get_settings
@@ -50,9 +52,23 @@ def get_engine() -> Engine:
 
 
 def get_db() -> Iterator[Session]:
-    """FastAPI dependency: one session per request."""
-    with Session(get_engine()) as session:
+    """FastAPI dependency: one session per request.
+
+    Closing runs after the response is sent; if the database went away by then,
+    the rollback in ``close`` fails. That must not turn a sent response into an
+    application error (uvicorn would drop the keep-alive connection), so the
+    session is invalidated and the pool drops its connection instead.
+    """
+    session = Session(get_engine())
+    try:
         yield session
+    finally:
+        try:
+            session.close()
+        except DBAPIError as exc:
+            log.warning("closing a database session failed (%s); dropping its connection", exc)
+            with contextlib.suppress(Exception):
+                session.invalidate()
 
 
 def session_scope() -> Session:

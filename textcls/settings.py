@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     # A job queued this long whose message is in no broker queue (lost in a
     # Redis restart) is sent again by the reaper.
     requeue_lost_after: float = 60.0
+    # A worker retries a finished job's bookkeeping this long while the
+    # database is unreachable, instead of throwing the work away.
+    db_retry_seconds: float = 120.0
     visibility_timeout: int = 6 * 3600
 
     # Inference worker dynamic batching.

@@ -9,15 +9,17 @@ the job is ``queued``, may start it.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import Session, col
 
 from pipeline.common import JobCancelled, StepError
@@ -28,6 +30,29 @@ from textcls.settings import get_settings
 from textcls.store import ArtifactStore, dir_size
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def retry_db(fn: Callable[[], T], what: str, seconds: float | None = None) -> T:
+    """Call ``fn``, retrying while the database is unreachable, for up to ``seconds``.
+
+    For a job's final bookkeeping: its work is done and must not be thrown away
+    because the database blinked. The heartbeat thread keeps the job alive
+    meanwhile, as soon as the database is back.
+    """
+    limit = get_settings().db_retry_seconds if seconds is None else seconds
+    deadline = time.monotonic() + limit
+    pause = 0.5
+    while True:
+        try:
+            return fn()
+        except (OperationalError, InterfaceError) as exc:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning("%s: database unavailable (%s); retrying", what, str(exc).splitlines()[0])
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
 
 @dataclass
@@ -92,7 +117,10 @@ class JobContext:
         values: dict[str, Any] = {"progress": max(0.0, min(1.0, float(fraction)))}
         if stage is not None:
             values["stage"] = stage[:200]
-        self._beat.update(values)
+        try:
+            self._beat.update(values)
+        except (OperationalError, InterfaceError) as exc:  # best effort: the work goes on
+            log.warning("job %s: could not record progress: %s", self.job_id, exc)
 
     def out_dir(self, name: str = "model") -> Path:
         path = self.staging_dir / name
@@ -209,6 +237,19 @@ def _register(ctx: JobContext, job_id: int, attempt: int, outcome: Outcome) -> b
     store = ctx.store
     with session_scope() as s:
         job = s.get(Job, job_id)
+        if (
+            job is not None
+            and job.status == JobStatus.succeeded
+            and job.attempt == attempt
+            and job.finished_at is not None
+        ):
+            # An earlier try's commit reached the database although the client
+            # saw an error: put the model folder in place again and be done.
+            if outcome.model is not None and job.output_model_id is not None:
+                model_row = s.get(Model, job.output_model_id)
+                if model_row is not None and outcome.model.folder.exists():
+                    store.commit(outcome.model.folder, model_row.path)
+            return True
         if job is None or job.status != JobStatus.running or job.attempt != attempt:
             return False
         model: Model | None = None
@@ -243,10 +284,19 @@ def _register(ctx: JobContext, job_id: int, attempt: int, outcome: Outcome) -> b
         try:
             s.commit()
         except Exception:
-            if model is not None and model.path:
-                store.remove(model.path)
+            if model is not None and model.path and outcome.model is not None:
+                _unplace(store, model.path, outcome.model.folder)
             raise
         return True
+
+
+def _unplace(store: ArtifactStore, relpath: str, staged: Path) -> None:
+    """Move a folder placed for an uncommitted row back to staging (a retry can use it)."""
+    try:
+        os.replace(store.resolve(relpath), staged)
+    except OSError:
+        log.warning("could not move %s back to %s; removing it", relpath, staged, exc_info=True)
+        store.remove(relpath)
 
 
 def execute_job(job_id: int, attempt: int, worker: str = "worker") -> str:
@@ -285,34 +335,38 @@ def _execute(job_id: int, attempt: int, worker: str) -> str:
                 return "lost"
             if outcome.detach:
                 return "detached"
-            if _register(ctx, job_id, attempt, outcome):
+            if retry_db(lambda: _register(ctx, job_id, attempt, outcome), f"job {job_id}"):
                 log.info("job %s succeeded", job_id)
                 return "succeeded"
             return "lost"
         except JobCancelled:
             if beat.lost.is_set():
                 return "lost"
-            finish(
-                job_id,
-                attempt,
-                JobStatus.cancelled,
-                stage="cancelled",
-                error="cancelled by request",
+            retry_db(
+                lambda: finish(
+                    job_id,
+                    attempt,
+                    JobStatus.cancelled,
+                    stage="cancelled",
+                    error="cancelled by request",
+                ),
+                f"job {job_id}",
             )
             log.info("job %s cancelled", job_id)
             return "cancelled"
         except StepError as exc:
-            finish(job_id, attempt, JobStatus.failed, stage="failed", error=str(exc))
+            message = str(exc)
+            retry_db(
+                lambda: finish(job_id, attempt, JobStatus.failed, stage="failed", error=message),
+                f"job {job_id}",
+            )
             log.warning("job %s failed: %s", job_id, exc)
             return "failed"
         except Exception as exc:
-            tb = traceback.format_exc(limit=5)
-            finish(
-                job_id,
-                attempt,
-                JobStatus.failed,
-                stage="failed",
-                error=f"{type(exc).__name__}: {exc}\n{tb}"[:20000],
+            error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"[:20000]
+            retry_db(
+                lambda: finish(job_id, attempt, JobStatus.failed, stage="failed", error=error),
+                f"job {job_id}",
             )
             log.exception("job %s crashed", job_id)
             return "failed"
