@@ -227,6 +227,8 @@ def to_fp16(
     fused = {op: int(stats.get(op, 0)) for op in FUSED_OP_TYPES}
     fused.update({op: int(n) for op, n in stats.items() if n})
     log.info("fused operators: %s (attention shape %s)", fused, shape)
+    if not fused["Attention"]:
+        log.warning("no Attention was fused; the fp16 model keeps unfused attention")
 
     progress(0.4, "converting to float16")
     model.convert_float_to_float16(keep_io_types=True)
@@ -239,7 +241,10 @@ def to_fp16(
     tokenizer = load_tokenizer(onnx_dir)
     batches = check_batches(len(texts))
     parent = ort_session(parent_path)
-    child = ort_session(out_path, providers, basic_optimization=True)
+    try:
+        child = ort_session(out_path, providers, basic_optimization=True)
+    except Exception as exc:  # ORT's own exception types; the job needs one message
+        raise StepError(f"ONNX Runtime cannot load the fp16 model: {exc}") from exc
     check_provider = child.get_providers()[0]
     ref = onnx_logits(parent, tokenizer, texts, meta.max_length, batches)
     got = onnx_logits(child, tokenizer, texts, meta.max_length, batches)
@@ -253,8 +258,11 @@ def to_fp16(
         )
     if check_provider != CPU:
         # The contract is that every variant at least runs on a CPU-only worker.
-        cpu = ort_session(out_path, basic_optimization=True)
-        cpu_got = onnx_logits(cpu, tokenizer, texts, meta.max_length, batches)
+        try:
+            cpu = ort_session(out_path, basic_optimization=True)
+            cpu_got = onnx_logits(cpu, tokenizer, texts, meta.max_length, batches)
+        except Exception as exc:
+            raise StepError(f"the fp16 model does not run on the CPU: {exc}") from exc
         check["cpu_max_abs_logit_diff"] = compare_logits(ref, cpu_got)["max_abs_logit_diff"]
 
     progress(0.8, "timing")
