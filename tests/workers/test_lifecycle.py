@@ -12,6 +12,7 @@ import pytest
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.corpus import Splits
+from tests.reliability.helpers import consistency_problems
 from tests.stack import Stack
 
 
@@ -114,6 +115,9 @@ def test_worker_sigkill_does_not_leave_job_running(
         done = stack.wait_job(job["id"], timeout=60)
         assert done["status"] == "failed"
         assert "worker lost" in done["error"] and "no heartbeat" in done["error"]
+        # Nothing half-written was registered, and no orphan artifact is left.
+        assert consistency_problems(stack) == []
+        assert stack.http.get("/models").json() == []
         return
     requeued = stack.wait_job(job["id"], {"queued", "failed"}, timeout=60)
     assert requeued["status"] == "queued" and requeued["attempt"] == 1, requeued
@@ -123,3 +127,5 @@ def test_worker_sigkill_does_not_leave_job_running(
     assert done["status"] == "succeeded", (done, stack.logs())
     assert done["attempt"] == 1
     assert len(stack.http.get("/models").json()) == 1
+    # The database agrees with the artifact folder: one model row, one folder.
+    assert consistency_problems(stack) == []
