@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, status
+from fastapi import Depends, Header, HTTPException, Path, Query, status
 from sqlmodel import Session
 
 from textcls.db import get_db
@@ -13,6 +13,13 @@ from textcls.settings import Settings, get_settings
 
 SessionDep = Annotated[Session, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+# Ids are BIGINT-sized at most: a larger number names nothing, and SQLite would
+# overflow on it (a 500) instead of answering 404.
+MAX_ID = 2**63 - 1
+PathId = Annotated[int, Path(ge=1, le=MAX_ID)]
+FilterId = Annotated[int | None, Query(ge=1, le=MAX_ID)]
+Offset = Annotated[int, Query(ge=0, le=MAX_ID)]
 
 
 def _presented_key(x_api_key: str | None, authorization: str | None) -> str | None:

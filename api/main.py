@@ -9,8 +9,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
+from api.limits import BodyLimitMiddleware
 from api.routers import datasets, jobs, models
 from textcls import __version__
 from textcls.settings import get_settings
@@ -64,6 +65,12 @@ def create_app(*, reaper: bool = True) -> FastAPI:
         "evaluate, pipeline), models and deployments.",
         lifespan=lifespan,
     )
+    # Oversized bodies are refused before they are read (413).
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_request_bytes=settings.max_request_bytes,
+        max_upload_bytes=settings.max_upload_bytes,
+    )
     app.include_router(datasets.router)
     app.include_router(jobs.router)
     app.include_router(models.router)
@@ -74,8 +81,10 @@ def create_app(*, reaper: bool = True) -> FastAPI:
     else:
         app.include_router(deployments.router)
 
+    # Connection-level database errors only: a bad statement or a constraint
+    # violation is a bug, not an outage, and must not read "try again shortly".
     @app.exception_handler(OperationalError)
-    @app.exception_handler(DBAPIError)
+    @app.exception_handler(InterfaceError)
     async def _db_unavailable(_request: Request, exc: Exception) -> JSONResponse:
         log.warning("database error: %s", exc)
         return JSONResponse(

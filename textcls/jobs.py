@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from textcls.settings import get_settings
 
 QUEUE_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+# Record ids are BIGINT-sized at most (a larger number names nothing).
+MAX_ID = 2**63 - 1
+RecordId = Annotated[int, Field(ge=1, le=MAX_ID)]
 # A Hugging Face Hub id: "name" or "org/name", no path tricks.
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
 
@@ -80,12 +83,12 @@ class TrainingParams(JobParams):
         default=None, gt=0, lt=1, description="default: 5e-5 pretrained, 1e-3 from scratch"
     )
     max_length: int = Field(default=128, ge=8, le=512)
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
 
 
 class TrainParams(TrainingParams):
-    dataset_id: int
-    eval_dataset_id: int | None = None
+    dataset_id: RecordId
+    eval_dataset_id: RecordId | None = None
     base_model: str = Field(
         default="scratch:tiny",
         min_length=1,
@@ -100,17 +103,17 @@ class TrainParams(TrainingParams):
 
 
 class PruneParams(TrainingParams):
-    model_id: int
-    dataset_id: int
+    model_id: RecordId
+    dataset_id: RecordId
     target_heads: int = Field(default=8, ge=1, le=64)
     target_ffn: int = Field(default=2048, ge=1, le=16384)
     epochs: int = Field(default=0, ge=0, le=100, description="fine-tuning epochs after pruning")
 
 
 class DistillParams(TrainingParams):
-    teacher_model_id: int
-    dataset_id: int
-    eval_dataset_id: int | None = None
+    teacher_model_id: RecordId
+    dataset_id: RecordId
+    eval_dataset_id: RecordId | None = None
     student_layers: int = Field(default=3, ge=1, le=48)
     student_model_dir: str | None = Field(
         default=None, max_length=500, description="a local folder under an import folder"
@@ -126,27 +129,29 @@ class DistillParams(TrainingParams):
 
 
 class ExportParams(JobParams):
-    model_id: int
-    dataset_id: int | None = Field(default=None, description="sentences to check against PyTorch")
+    model_id: RecordId
+    dataset_id: RecordId | None = Field(
+        default=None, description="sentences to check against PyTorch"
+    )
     opset: int = Field(default=17, ge=13, le=21)
     atol: float = Field(default=1e-3, gt=0, le=1)
 
 
 class Fp16Params(JobParams):
-    model_id: int
-    dataset_id: int | None = None
+    model_id: RecordId
+    dataset_id: RecordId | None = None
     use_gpu: bool | None = Field(default=None, description="default: CUDA where present")
 
 
 class QuantizeParams(JobParams):
-    model_id: int
-    dataset_id: int | None = None
+    model_id: RecordId
+    dataset_id: RecordId | None = None
     per_channel: bool = False
 
 
 class EvaluateParams(JobParams):
-    model_id: int
-    dataset_id: int
+    model_id: RecordId
+    dataset_id: RecordId
     batch_size: int = Field(default=32, ge=1, le=1024)
     latency_runs: int = Field(default=100, ge=5, le=10000)
 
@@ -155,10 +160,10 @@ PIPELINE_STEPS = ("train", "prune", "distill", "export", "fp16", "quantize")
 
 
 class PipelineParams(TrainingParams):
-    dataset_id: int
-    eval_dataset_id: int
+    dataset_id: RecordId
+    eval_dataset_id: RecordId
     base_model: str | None = Field(default=None, max_length=500)
-    model_id: int | None = None
+    model_id: RecordId | None = None
     steps: list[str] = Field(default_factory=lambda: list(PIPELINE_STEPS))
     max_accuracy_drop: float = Field(default=1.0, ge=0, le=100)
     target_device: Literal["cpu", "gpu"] = "cpu"

@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile, status
 from sqlmodel import col, select
 
-from api.deps import SessionDep, SettingsDep, WriteAccess
+from api.deps import Offset, PathId, SessionDep, SettingsDep, WriteAccess
 from pipeline.data import TSVError, parse_tsv
 from textcls.models import Dataset, DatasetPublic
 from textcls.store import ArtifactStore
@@ -91,14 +91,14 @@ async def upload_dataset(
 
 
 @router.get("", response_model=list[DatasetPublic])
-def list_datasets(session: SessionDep, limit: int = 100, offset: int = 0) -> list[Dataset]:
+def list_datasets(session: SessionDep, limit: int = 100, offset: Offset = 0) -> list[Dataset]:
     limit = max(1, min(limit, 1000))
     stmt = select(Dataset).order_by(col(Dataset.id).desc()).offset(max(0, offset)).limit(limit)
     return list(session.exec(stmt))
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)
-def get_dataset(session: SessionDep, dataset_id: int) -> Dataset:
+def get_dataset(session: SessionDep, dataset_id: PathId) -> Dataset:
     row = session.get(Dataset, dataset_id)
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"dataset {dataset_id} not found")

@@ -11,7 +11,7 @@ import logging
 from fastapi import APIRouter, HTTPException, Response, status
 from sqlmodel import Session, col, select
 
-from api.deps import SessionDep, WriteAccess
+from api.deps import Offset, PathId, SessionDep, WriteAccess
 from api.routers.models import get_model_or_404
 from pipeline.preprocess import META_FILE
 from textcls.deployments import (
@@ -94,7 +94,7 @@ def _change(session: Session, dep: Deployment, previous_model_id: int | None) ->
     },
 )
 def promote(
-    session: SessionDep, model_id: int, response: Response, force: bool = False
+    session: SessionDep, model_id: PathId, response: Response, force: bool = False
 ) -> DeploymentChange:
     """Make a model the served one; every inference worker switches to it.
 
@@ -134,7 +134,7 @@ def promote(
 
 @router.get("/deployments", response_model=list[DeploymentView])
 def list_deployments(
-    session: SessionDep, limit: int = 100, offset: int = 0
+    session: SessionDep, limit: int = 100, offset: Offset = 0
 ) -> list[DeploymentView]:
     """Promotions and rollbacks, newest first."""
     current = current_deployment(session)

@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse
 from pydantic import ValidationError
 from sqlmodel import Session, col, select
 
-from api.deps import SessionDep, WriteAccess
+from api.deps import FilterId, Offset, PathId, SessionDep, WriteAccess
 from textcls.jobs import DATASET_FIELDS, KIND_PARAMS, MODEL_FIELDS, parse_params, queue_for
 from textcls.models import (
     FINAL_STATUSES,
@@ -121,9 +121,9 @@ def list_jobs(
     # Named apart from the imported ``status`` module; clients send ?status=.
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     kind: str | None = None,
-    parent_id: int | None = None,
+    parent_id: FilterId = None,
     limit: int = 100,
-    offset: int = 0,
+    offset: Offset = 0,
 ) -> list[Job]:
     stmt = select(Job)
     if status_filter is not None:
@@ -138,7 +138,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(session: SessionDep, job_id: int) -> Job:
+def get_job(session: SessionDep, job_id: PathId) -> Job:
     job = session.get(Job, job_id)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
@@ -176,7 +176,7 @@ def cancel_job_tree(session: Session, job: Job) -> None:
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, dependencies=[WriteAccess])
-def cancel_job(session: SessionDep, job_id: int) -> Job:
+def cancel_job(session: SessionDep, job_id: PathId) -> Job:
     job = get_job(session, job_id)
     if job.status in FINAL_STATUSES:
         raise HTTPException(
@@ -228,14 +228,14 @@ def pipeline_report(session: Session, job: Job) -> dict[str, Any]:
 
 
 @router.get("/{job_id}/report")
-def get_report(session: SessionDep, job_id: int) -> dict[str, Any]:
+def get_report(session: SessionDep, job_id: PathId) -> dict[str, Any]:
     """A pipeline's comparison of every variant (JSON)."""
     job = _pipeline_or_404(session, job_id)
     return pipeline_report(session, job)
 
 
 @router.get("/{job_id}/report.html", response_class=HTMLResponse)
-def get_report_html(session: SessionDep, job_id: int) -> HTMLResponse:
+def get_report_html(session: SessionDep, job_id: PathId) -> HTMLResponse:
     """The same comparison as a self-contained page with an accuracy/latency chart."""
     from api.report_html import render_report
 

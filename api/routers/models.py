@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 from sqlmodel import Session, col, select
 
-from api.deps import SessionDep
+from api.deps import FilterId, Offset, PathId, SessionDep
 from textcls.models import Evaluation, EvaluationPublic, Model, ModelPublic
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -29,10 +29,10 @@ def get_model_or_404(session: Session, model_id: int) -> Model:
 def list_models(
     session: SessionDep,
     format: str | None = None,
-    parent_id: int | None = None,
-    job_id: int | None = None,
+    parent_id: FilterId = None,
+    job_id: FilterId = None,
     limit: int = 100,
-    offset: int = 0,
+    offset: Offset = 0,
 ) -> list[ModelPublic]:
     stmt = select(Model)
     if format is not None:
@@ -47,7 +47,7 @@ def list_models(
 
 
 @router.get("/{model_id}", response_model=ModelPublic)
-def get_model(session: SessionDep, model_id: int) -> ModelPublic:
+def get_model(session: SessionDep, model_id: PathId) -> ModelPublic:
     return to_public(session, get_model_or_404(session, model_id))
 
 
@@ -75,7 +75,7 @@ def lineage(session: Session, model: Model) -> list[Model]:
 
 
 @router.get("/{model_id}/lineage", response_model=list[ModelPublic])
-def get_lineage(session: SessionDep, model_id: int) -> list[ModelPublic]:
+def get_lineage(session: SessionDep, model_id: PathId) -> list[ModelPublic]:
     """The comparison view: the whole lineage with every evaluation, side by side."""
     model = get_model_or_404(session, model_id)
     return [to_public(session, m) for m in lineage(session, model)]
