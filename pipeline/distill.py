@@ -315,7 +315,6 @@ def distill(
         )
         tok_s = load_tokenizer(student_model_dir) if has_tok else tok_t
         student_init = str(Path(student_model_dir).resolve())
-    student.config._attn_implementation = "eager"
     shared_tokens = tok_s is tok_t or _same_vocab(tok_s, tok_t)
     t_layers = int(teacher.config.num_hidden_layers)
     s_layers = int(student.config.num_hidden_layers)
