@@ -23,7 +23,7 @@ from pipeline.common import ProgressFn, StepError, no_progress
 from pipeline.data import read_tsv
 from pipeline.metrics import classification_metrics
 from pipeline.preprocess import length_grouped_batches
-from pipeline.runtime import load_predictor
+from pipeline.runtime import load_predictor, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +70,37 @@ def evaluate(
     latency_runs: int = 100,
     device: str = "auto",
     progress: ProgressFn = no_progress,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class P/R/F1, confusion matrix, latency, throughput, size.
 
     ``latency_ms`` is batch 1 over ``latency_runs`` sentences of the set (0
     skips it); ``throughput_per_s`` is sentences per second over the whole set
-    in length-grouped batches of ``batch_size``.
+    in length-grouped batches of ``batch_size``. ``threads``: CPU threads for
+    the model (ONNX Runtime intra-op, or torch's, restored afterwards).
     """
+    with torch_threads(threads):
+        return _evaluate(
+            Path(model_dir),
+            Path(dataset_tsv),
+            batch_size=batch_size,
+            latency_runs=latency_runs,
+            device=device,
+            progress=progress,
+            threads=threads,
+        )
+
+
+def _evaluate(
+    model_dir: Path,
+    dataset_tsv: Path,
+    *,
+    batch_size: int,
+    latency_runs: int,
+    device: str,
+    progress: ProgressFn,
+    threads: int | None,
+) -> dict[str, Any]:
     if batch_size < 1 or latency_runs < 0:
         raise StepError(
             f"batch_size must be >= 1 and latency_runs >= 0 (got {batch_size}, {latency_runs})"
@@ -84,7 +108,7 @@ def evaluate(
     model_dir = Path(model_dir)
     data = read_tsv(Path(dataset_tsv))
     progress(0.0, "loading model")
-    predictor = load_predictor(model_dir, device=device)
+    predictor = load_predictor(model_dir, device=device, threads=threads)
     n_model = predictor.num_labels
     data_labels = sorted(set(data.labels))
     if data_labels[-1] >= n_model:
@@ -145,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--latency-runs", type=int, default=100)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the model")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -154,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             latency_runs=args.latency_runs,
             device=args.device,
+            threads=args.threads,
         )
     except StepError as exc:
         log.error("%s", exc)
