@@ -14,12 +14,15 @@ from textcls.settings import Settings, get_settings
 SessionDep = Annotated[Session, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
-# Ids are BIGINT-sized at most: a larger number names nothing, and SQLite would
-# overflow on it (a 500) instead of answering 404.
-MAX_ID = 2**63 - 1
+# Ids (and offsets) fit the schema's 32-bit INTEGER columns: a larger number
+# names nothing, and the databases would fail on it (a 500) instead of a 404.
+MAX_ID = 2**31 - 1
 PathId = Annotated[int, Path(ge=1, le=MAX_ID)]
 FilterId = Annotated[int | None, Query(ge=1, le=MAX_ID)]
 Offset = Annotated[int, Query(ge=0, le=MAX_ID)]
+# A name filter (job kind, model format): word characters only, so control
+# characters (PostgreSQL refuses NUL in text) never reach the database.
+NameFilter = Annotated[str | None, Query(max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 
 def _presented_key(x_api_key: str | None, authorization: str | None) -> str | None:

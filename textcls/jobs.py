@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from textcls.settings import get_settings
 
 QUEUE_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
-# Record ids are BIGINT-sized at most (a larger number names nothing).
-MAX_ID = 2**63 - 1
+# Record ids fit the schema's 32-bit INTEGER columns (a larger number names nothing).
+MAX_ID = 2**31 - 1
 RecordId = Annotated[int, Field(ge=1, le=MAX_ID)]
 # A Hugging Face Hub id: "name" or "org/name", no path tricks.
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")

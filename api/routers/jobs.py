@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse
 from pydantic import ValidationError
 from sqlmodel import Session, col, select
 
-from api.deps import FilterId, Offset, PathId, SessionDep, WriteAccess
+from api.deps import FilterId, NameFilter, Offset, PathId, SessionDep, WriteAccess
 from textcls.jobs import DATASET_FIELDS, KIND_PARAMS, MODEL_FIELDS, parse_params, queue_for
 from textcls.models import (
     FINAL_STATUSES,
@@ -120,7 +120,7 @@ def list_jobs(
     session: SessionDep,
     # Named apart from the imported ``status`` module; clients send ?status=.
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
-    kind: str | None = None,
+    kind: NameFilter = None,
     parent_id: FilterId = None,
     limit: int = 100,
     offset: Offset = 0,

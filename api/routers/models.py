@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 from sqlmodel import Session, col, select
 
-from api.deps import FilterId, Offset, PathId, SessionDep
+from api.deps import FilterId, NameFilter, Offset, PathId, SessionDep
 from textcls.models import Evaluation, EvaluationPublic, Model, ModelPublic
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -28,7 +28,7 @@ def get_model_or_404(session: Session, model_id: int) -> Model:
 @router.get("", response_model=list[ModelPublic])
 def list_models(
     session: SessionDep,
-    format: str | None = None,
+    format: NameFilter = None,
     parent_id: FilterId = None,
     job_id: FilterId = None,
     limit: int = 100,
