@@ -22,7 +22,7 @@ import numpy as np
 from pipeline.common import ProgressFn, StepError, no_progress
 from pipeline.data import read_tsv
 from pipeline.metrics import classification_metrics
-from pipeline.preprocess import length_grouped_batches
+from pipeline.preprocess import META_FILE, ModelMeta, length_grouped_batches
 from pipeline.runtime import load_predictor, torch_threads
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,14 @@ def model_size_bytes(model_dir: Path) -> int:
         for p in Path(model_dir).rglob("*")
         if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
     )
+
+
+def _check_labels(data_labels: list[int], num_labels: int) -> None:
+    if data_labels and data_labels[-1] >= num_labels:
+        raise StepError(
+            f"dataset has labels {data_labels} but model has {num_labels} labels "
+            f"(0..{num_labels - 1})"
+        )
 
 
 def _latency(predictor: Any, texts: Sequence[str], runs: int) -> dict[str, float]:
@@ -107,46 +115,48 @@ def _evaluate(
         )
     model_dir = Path(model_dir)
     data = read_tsv(Path(dataset_tsv))
+    data_labels = sorted(set(data.labels))
+    if (model_dir / META_FILE).is_file():
+        # Checked before loading the model: a mismatch should fail fast.
+        _check_labels(data_labels, ModelMeta.load(model_dir).num_labels)
     progress(0.0, "loading model")
     predictor = load_predictor(model_dir, device=device, threads=threads)
-    n_model = predictor.num_labels
-    data_labels = sorted(set(data.labels))
-    if data_labels[-1] >= n_model:
-        raise StepError(
-            f"dataset has labels {data_labels} but model has {n_model} labels (0..{n_model - 1})"
-        )
+    try:
+        n_model = predictor.num_labels
+        _check_labels(data_labels, n_model)
 
-    # Length-grouped like training, so padding does not dominate the timing.
-    lengths = predictor.token_lengths(data.texts)
-    batches = length_grouped_batches(lengths, batch_size, shuffle=False)
-    # One untimed batch first: the first call pays for lazy initialisation.
-    predictor.predict_encoded(predictor.encode([data.texts[i] for i in batches[0]]))
-    logits = np.zeros((len(data), n_model), dtype=np.float32)
-    start = time.perf_counter()
-    for b, idx in enumerate(batches):
-        logits[idx] = predictor.predict_encoded(predictor.encode([data.texts[i] for i in idx]))
-        if b % 5 == 0:
-            progress(0.05 + 0.75 * (b + 1) / len(batches), "predicting")
-    seconds = time.perf_counter() - start
-    preds = logits.argmax(axis=1)
-    scores = classification_metrics(data.labels, preds, max(n_model, data_labels[-1] + 1))
+        # Length-grouped like training, so padding does not dominate the timing.
+        lengths = predictor.token_lengths(data.texts)
+        batches = length_grouped_batches(lengths, batch_size, shuffle=False)
+        # One untimed batch first: the first call pays for lazy initialisation.
+        predictor.predict_encoded(predictor.encode([data.texts[i] for i in batches[0]]))
+        logits = np.zeros((len(data), n_model), dtype=np.float32)
+        start = time.perf_counter()
+        for b, idx in enumerate(batches):
+            logits[idx] = predictor.predict_encoded(predictor.encode([data.texts[i] for i in idx]))
+            if b % 5 == 0:
+                progress(0.05 + 0.75 * (b + 1) / len(batches), "predicting")
+        seconds = time.perf_counter() - start
+        preds = logits.argmax(axis=1)
+        scores = classification_metrics(data.labels, preds, max(n_model, data_labels[-1] + 1))
 
-    latency: dict[str, float] | None = None
-    if latency_runs:
-        progress(0.8, "timing batch 1")
-        latency = _latency(predictor, data.texts, latency_runs)
-    result: dict[str, Any] = {
-        **scores,
-        "rows": len(data),
-        "latency_ms": latency,
-        "throughput_per_s": len(data) / seconds if seconds > 0 else float("inf"),
-        "throughput_batch_size": batch_size,
-        "size_bytes": model_size_bytes(model_dir),
-        "format": predictor.format,
-        "device": predictor.device,
-        "num_labels": n_model,
-    }
-    predictor.close()
+        latency: dict[str, float] | None = None
+        if latency_runs:
+            progress(0.8, "timing batch 1")
+            latency = _latency(predictor, data.texts, latency_runs)
+        result: dict[str, Any] = {
+            **scores,
+            "rows": len(data),
+            "latency_ms": latency,
+            "throughput_per_s": len(data) / seconds if seconds > 0 else float("inf"),
+            "throughput_batch_size": batch_size,
+            "size_bytes": model_size_bytes(model_dir),
+            "format": predictor.format,
+            "device": predictor.device,
+            "num_labels": n_model,
+        }
+    finally:
+        predictor.close()
     progress(1.0, None)
     log.info(
         "evaluated %s (%s on %s): accuracy %.4f, macro-F1 %.4f, p50 %s ms, %.1f sentences/s",
