@@ -255,10 +255,12 @@ class OnnxPredictor(Predictor):
 def graph_optimization_level(fmt: str) -> Any:
     """ORT_ENABLE_ALL, except for fp16 graphs, which the fp16 step has already fused.
 
-    Re-running the full optimiser on a fused fp16 graph gains nothing, and on
-    the CPU its layout rewrites act on the Casts ORT inserts for kernels that
-    have no fp16 version; the basic level (constant folding, redundancy
-    elimination) is safe for every provider.
+    Measured on the CPU (ORT 1.32, a fused fp16 tiny BERT from
+    :mod:`pipeline.optimize`): every level from DISABLE_ALL to ENABLE_ALL loads
+    and gives the same logits, with no speed difference beyond noise. The fusion
+    is already done, so the basic level (constant folding, redundant-node
+    removal) is used: it cannot re-fuse or re-layout an fp16 graph in ways the
+    fp16 check never saw. Not yet measured on CUDA.
     """
     import onnxruntime as ort
 
