@@ -248,7 +248,7 @@ def to_fp16(
     check_provider = child.get_providers()[0]
     ref = onnx_logits(parent, tokenizer, texts, meta.max_length, batches)
     got = onnx_logits(child, tokenizer, texts, meta.max_length, batches)
-    check = compare_logits(ref, got)
+    check = compare_logits(ref, got, len(texts))
     log.info("fp16 check on %d texts (%s): %s", len(texts), check_provider, check)
     if check["max_abs_logit_diff"] > max_abs_diff or check["label_agreement"] < min_agreement:
         raise StepError(
@@ -263,7 +263,9 @@ def to_fp16(
             cpu_got = onnx_logits(cpu, tokenizer, texts, meta.max_length, batches)
         except Exception as exc:
             raise StepError(f"the fp16 model does not run on the CPU: {exc}") from exc
-        check["cpu_max_abs_logit_diff"] = compare_logits(ref, cpu_got)["max_abs_logit_diff"]
+        check["cpu_max_abs_logit_diff"] = compare_logits(ref, cpu_got, len(texts))[
+            "max_abs_logit_diff"
+        ]
 
     progress(0.8, "timing")
     one = encode(tokenizer, texts[:1], meta.max_length)

@@ -165,12 +165,13 @@ def quantize_int8(
     child = ort_session(out_path)
     ref = onnx_logits(parent, tokenizer, texts, meta.max_length, batches)
     got = onnx_logits(child, tokenizer, texts, meta.max_length, batches)
-    check = compare_logits(ref, got)
+    check = compare_logits(ref, got, len(texts))
     log.info("int8 check on %d texts: %s", len(texts), check)
     if check["label_agreement"] < min_agreement:
         raise StepError(
             f"int8 check failed: labels agree with the fp32 parent on "
-            f"{check['label_agreement']:.1%} of check rows (minimum {min_agreement:.0%}); "
+            f"{check['label_agreement']:.1%} of {len(texts)} check texts "
+            f"(minimum {min_agreement:.0%}); "
             f"max abs logit difference {check['max_abs_logit_diff']:.3g}"
         )
 

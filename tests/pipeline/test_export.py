@@ -64,7 +64,9 @@ def test_metrics_recorded(trained_export: tuple[Path, dict]) -> None:
     assert metrics["onnx_size_bytes"] > 100_000
     assert metrics["latency_ms_batch1_onnx"] > 0 and metrics["latency_ms_batch1_pytorch"] > 0
     # The check itself ran batch 1 and padded batches of other lengths than the trace example.
-    assert {s[0] for s in metrics["check_shapes"]} >= {1, 8}
+    assert set(metrics["check_batch_sizes"]) >= {1, 8}
+    low, high = metrics["check_seq_len_range"]
+    assert 3 <= low < high <= 64
 
 
 @pytest.mark.parametrize(("batch", "pad_to"), [(1, None), (3, None), (16, None), (5, 64), (2, 7)])

@@ -70,7 +70,8 @@ def test_agrees_with_parent_on_real_sentences(
     m = result.metrics
     assert m["check_texts"] == len(texts) == 400
     assert m["size_ratio"] <= 1 / 3
-    # Measured on the 400 test sentences: 0.9975-1.0 (at most one near-tie flips).
+    # Measured on the 400 test sentences: 0.995 for the shared fixture model (two
+    # near-ties flip; its logits are small), 0.9975 for a better-trained tiny model.
     assert m["label_agreement"] >= 0.98
     # Accuracy on the labels themselves stays within a point of the parent's.
     tok = load_tokenizer(parent)
