@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from tests.stack import Stack
 
 # Two cores on CI: keep each test process from oversubscribing them.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
