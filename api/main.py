@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -38,8 +39,15 @@ class Reaper:
     def _run(self) -> None:
         from workers.reaper import reap_stale_jobs, requeue_lost_messages
 
+        # Looking for lost messages reads the broker's queues: not every sweep.
+        lost_every = max(self.interval, get_settings().requeue_lost_after / 2)
+        next_lost = time.monotonic() + lost_every
         while not self._stop.wait(self.interval):
-            for sweep in (reap_stale_jobs, requeue_lost_messages):
+            sweeps: list[Callable[[], object]] = [reap_stale_jobs]
+            if time.monotonic() >= next_lost:
+                sweeps.append(requeue_lost_messages)
+                next_lost = time.monotonic() + lost_every
+            for sweep in sweeps:
                 try:
                     sweep()
                 except Exception:  # the database may be briefly away

@@ -49,7 +49,9 @@ def make_celery() -> Celery:
 celery_app = make_celery()
 
 
-def send_job(job_id: int, attempt: int, queue: str) -> str:
-    """Enqueue a job's message; returns the Celery task id."""
-    result = celery_app.send_task(RUN_JOB_TASK, args=[job_id, attempt], queue=queue)
+def send_job(job_id: int, attempt: int, queue: str, task_id: str | None = None) -> str:
+    """Enqueue a job's message (under ``task_id`` if given); returns the Celery task id."""
+    result = celery_app.send_task(
+        RUN_JOB_TASK, args=[job_id, attempt], queue=queue, task_id=task_id
+    )
     return str(result.id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
@@ -81,16 +82,20 @@ def validate_job(session: Session, body: JobCreate) -> tuple[dict[str, Any], str
 def submit_job(
     session: Session, kind: str, params: dict[str, Any], queue: str, parent_id: int | None = None
 ) -> Job:
-    """Store a queued job, then enqueue its message; a broker failure fails the job."""
+    """Store a queued job, then enqueue its message; a broker failure fails the job.
+
+    The task id is chosen up front, so the row is complete in one commit.
+    """
     from workers.celery_app import send_job
 
-    job = Job(kind=kind, params=params, queue=queue, parent_id=parent_id)
+    task_id = str(uuid.uuid4())
+    job = Job(kind=kind, params=params, queue=queue, parent_id=parent_id, task_id=task_id)
     session.add(job)
     session.commit()
     session.refresh(job)
     assert job.id is not None
     try:
-        job.task_id = send_job(job.id, job.attempt, queue)
+        send_job(job.id, job.attempt, queue, task_id=task_id)
     except Exception as exc:
         log.error("could not enqueue job %s: %s", job.id, exc)
         job.status = JobStatus.failed
@@ -101,9 +106,6 @@ def submit_job(
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, detail=f"job queue unavailable: {exc}"
         ) from None
-    session.add(job)
-    session.commit()
-    session.refresh(job)
     return job
 
 
