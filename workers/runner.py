@@ -211,6 +211,13 @@ def claim(job_id: int, attempt: int, worker: str) -> Job | None:
         s.commit()
         if res.rowcount == 0:
             return None
+    # The job is ours now: reading it back must outlast a database blip, or it
+    # would sit "running" with nobody on it until the reaper requeues it.
+    return retry_db(lambda: _read_job(job_id), f"job {job_id}")
+
+
+def _read_job(job_id: int) -> Job | None:
+    with session_scope() as s:
         job = s.get(Job, job_id)
         if job is not None:
             s.expunge(job)
