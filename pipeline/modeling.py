@@ -55,6 +55,10 @@ def load_model(folder: Path | str, num_labels: int | None = None) -> Any:
     """A sequence-classification model from a folder, eager attention, no remote code."""
     from transformers import AutoModelForSequenceClassification
 
+    # Pruned folders use textcls's own registered architecture (BERT with an
+    # explicit head size); importing the module registers it with the Auto classes.
+    import pipeline.prune  # noqa: F401
+
     kwargs: dict[str, Any] = {"attn_implementation": "eager", "trust_remote_code": False}
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
