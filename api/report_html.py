@@ -5,37 +5,12 @@ from __future__ import annotations
 import html
 from typing import Any
 
-COLUMNS = [
-    ("step", "step"),
-    ("model_id", "model"),
-    ("format", "format"),
-    ("layers", "layers"),
-    ("heads", "heads"),
-    ("ffn", "FFN"),
-    ("size_bytes", "size (MB)"),
-    ("accuracy", "accuracy"),
-    ("macro_f1", "macro-F1"),
-    ("latency_p50_ms", "p50 (ms)"),
-    ("latency_p99_ms", "p99 (ms)"),
-    ("throughput_per_s", "throughput (/s)"),
-    ("drop_points", "drop (points)"),
-    ("within_budget", "within budget"),
-    ("chosen", "chosen"),
-]
+from textcls.report import REPORT_COLUMNS as COLUMNS
+from textcls.report import format_cell
 
 
 def _fmt(key: str, value: Any) -> str:
-    if value is None:
-        return "–"
-    if key == "size_bytes":
-        return f"{value / 1e6:.2f}"
-    if key in ("accuracy", "macro_f1"):
-        return f"{value * 100:.2f}%"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
-    return html.escape(str(value))
+    return html.escape(format_cell(key, value))
 
 
 def _chart(variants: list[dict[str, Any]], width: int = 640, height: int = 360) -> str:

@@ -312,6 +312,30 @@ def jobs_cancel(job_id: int) -> None:
     )
 
 
+@jobs_app.command("report")
+def jobs_report(
+    job_id: int,
+    as_json: Annotated[bool, typer.Option("--json", help="print the JSON report")] = False,
+) -> None:
+    """A pipeline's comparison of every variant, as a table (or JSON)."""
+    from textcls.demo import report_table
+
+    try:
+        report = _client().report(job_id)
+    except APIError as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps(report, ensure_ascii=False))
+        return
+    console.print(report_table(report))
+    chosen = report.get("chosen_model_id")
+    console.print(
+        f"chosen: model {chosen} — {report.get('selection')}"
+        if chosen is not None
+        else f"no model chosen yet (status {report.get('status')})"
+    )
+
+
 @jobs_app.command("watch")
 def jobs_watch(job_id: int, interval: float = 1.0) -> None:
     """Show a progress bar until the job ends; exit 1 if it did not succeed."""

@@ -17,39 +17,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from textcls.report import REPORT_COLUMNS, format_cell
+
 log = logging.getLogger(__name__)
-
-REPORT_COLUMNS = [
-    ("step", "step"),
-    ("model_id", "model"),
-    ("format", "format"),
-    ("layers", "layers"),
-    ("heads", "heads"),
-    ("ffn", "FFN"),
-    ("size_bytes", "size MB"),
-    ("accuracy", "acc %"),
-    ("macro_f1", "F1 %"),
-    ("latency_p50_ms", "p50 ms"),
-    ("latency_p99_ms", "p99 ms"),
-    ("throughput_per_s", "sent/s"),
-    ("drop_points", "drop"),
-    ("within_budget", "ok"),
-    ("chosen", "chosen"),
-]
-
-
-def _fmt(key: str, value: Any) -> str:
-    if value is None:
-        return "-"
-    if key == "size_bytes":
-        return f"{value / 1e6:.2f}"
-    if key in ("accuracy", "macro_f1"):
-        return f"{value * 100:.2f}"
-    if isinstance(value, bool):
-        return "✔" if value else ""
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
-    return str(value)
 
 
 def report_table(report: dict[str, Any]) -> Table:
@@ -62,7 +32,7 @@ def report_table(report: dict[str, Any]) -> Table:
         table.add_column(label, justify="right")
     for v in report.get("variants", []):
         style = "bold yellow" if v.get("chosen") else None
-        table.add_row(*[_fmt(k, v.get(k)) for k, _ in REPORT_COLUMNS], style=style)
+        table.add_row(*[format_cell(k, v.get(k)) for k, _ in REPORT_COLUMNS], style=style)
     return table
 
 

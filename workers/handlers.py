@@ -70,6 +70,23 @@ def _arch_info(folder: Path) -> dict[str, Any]:
     }
 
 
+def _derived(
+    ctx: JobContext, result: Any, source: Model, fmt: str, prefix: str, info: dict[str, Any]
+) -> Outcome:
+    """The outcome of a step that turns ``source`` into a new model of ``fmt``."""
+    return Outcome(
+        metrics=result.metrics,
+        model=NewModel(
+            folder=result.model_dir,
+            format=fmt,
+            num_labels=source.num_labels,
+            name=f"{prefix}-{ctx.job_id}",
+            parent_id=source.id,
+            info=info,
+        ),
+    )
+
+
 @handler("train")
 def run_train(ctx: JobContext) -> Outcome:
     from pipeline.train import train
@@ -129,16 +146,13 @@ def run_prune(ctx: JobContext) -> Outcome:
         seed=p.seed,
         progress=ctx.progress,
     )
-    return Outcome(
-        metrics=result.metrics,
-        model=NewModel(
-            folder=result.model_dir,
-            format=ModelFormat.pytorch,
-            num_labels=model.num_labels,
-            name=f"prune-{ctx.job_id}",
-            parent_id=model.id,
-            info={**_arch_info(result.model_dir), "pruned_from": model.id},
-        ),
+    return _derived(
+        ctx,
+        result,
+        model,
+        ModelFormat.pytorch,
+        "prune",
+        {**_arch_info(result.model_dir), "pruned_from": model.id},
     )
 
 
@@ -168,16 +182,13 @@ def run_distill(ctx: JobContext) -> Outcome:
         seed=p.seed,
         progress=ctx.progress,
     )
-    return Outcome(
-        metrics=result.metrics,
-        model=NewModel(
-            folder=result.model_dir,
-            format=ModelFormat.pytorch,
-            num_labels=teacher.num_labels,
-            name=f"distill-{ctx.job_id}",
-            parent_id=teacher.id,
-            info={**_arch_info(result.model_dir), "teacher_id": teacher.id},
-        ),
+    return _derived(
+        ctx,
+        result,
+        teacher,
+        ModelFormat.pytorch,
+        "distill",
+        {**_arch_info(result.model_dir), "teacher_id": teacher.id},
     )
 
 
@@ -196,17 +207,7 @@ def run_export(ctx: JobContext) -> Outcome:
         atol=p.atol,
         progress=ctx.progress,
     )
-    return Outcome(
-        metrics=result.metrics,
-        model=NewModel(
-            folder=result.model_dir,
-            format=ModelFormat.onnx,
-            num_labels=model.num_labels,
-            name=f"onnx-{ctx.job_id}",
-            parent_id=model.id,
-            info={**model.info, "opset": p.opset},
-        ),
-    )
+    return _derived(ctx, result, model, ModelFormat.onnx, "onnx", {**model.info, "opset": p.opset})
 
 
 @handler("fp16")
@@ -223,17 +224,7 @@ def run_fp16(ctx: JobContext) -> Outcome:
         check_texts=_check_texts(ctx, p.dataset_id),
         progress=ctx.progress,
     )
-    return Outcome(
-        metrics=result.metrics,
-        model=NewModel(
-            folder=result.model_dir,
-            format=ModelFormat.onnx_fp16,
-            num_labels=model.num_labels,
-            name=f"fp16-{ctx.job_id}",
-            parent_id=model.id,
-            info=dict(model.info),
-        ),
-    )
+    return _derived(ctx, result, model, ModelFormat.onnx_fp16, "fp16", dict(model.info))
 
 
 @handler("quantize")
@@ -250,16 +241,13 @@ def run_quantize(ctx: JobContext) -> Outcome:
         check_texts=_check_texts(ctx, p.dataset_id),
         progress=ctx.progress,
     )
-    return Outcome(
-        metrics=result.metrics,
-        model=NewModel(
-            folder=result.model_dir,
-            format=ModelFormat.onnx_int8,
-            num_labels=model.num_labels,
-            name=f"int8-{ctx.job_id}",
-            parent_id=model.id,
-            info={**model.info, "per_channel": p.per_channel},
-        ),
+    return _derived(
+        ctx,
+        result,
+        model,
+        ModelFormat.onnx_int8,
+        "int8",
+        {**model.info, "per_channel": p.per_channel},
     )
 
 
