@@ -26,7 +26,8 @@ app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(models_app, name="models")
 
-console = Console()
+# Wide tables (the comparison report) stay readable when output is piped.
+console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 FINAL = {"succeeded", "failed", "cancelled"}
 
