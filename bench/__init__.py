@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks: serving, compression and the platform (see bench/README.md)."""
