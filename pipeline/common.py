@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class JobCancelled(Exception):
@@ -24,3 +27,15 @@ class StepError(ValueError):
 
 
 ProgressCallable = Callable[[float, str | None], None]
+
+
+def run_cli_step(step: Callable[[], Any]) -> int:
+    """Run a step for its CLI: print its metrics as JSON (exit 0) or its error (exit 2)."""
+    try:
+        result = step()
+    except StepError as exc:
+        logging.getLogger("pipeline").error("%s", exc)
+        return 2
+    metrics = getattr(result, "metrics", result)
+    sys.stdout.write(json.dumps(metrics, indent=2, default=str) + "\n")
+    return 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import math
 import re
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
 
-from pipeline.common import ProgressFn, StepError, no_progress
+from pipeline.common import ProgressFn, StepError, no_progress, run_cli_step
 from pipeline.data import Dataset
 from pipeline.metrics import classification_metrics
 from pipeline.modeling import architecture, load_model, save_model_folder
@@ -567,8 +566,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        result = distill(
+    return run_cli_step(
+        lambda: distill(
             args.teacher,
             args.data,
             args.out,
@@ -584,11 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             device=args.device,
         )
-    except StepError as exc:
-        log.error("%s", exc)
-        return 2
-    sys.stdout.write(json.dumps(result.metrics, indent=2, default=str) + "\n")
-    return 0
+    )
 
 
 if __name__ == "__main__":

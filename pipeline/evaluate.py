@@ -9,7 +9,6 @@ caller of ``POST /predict`` would see them.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.common import ProgressFn, StepError, no_progress
+from pipeline.common import ProgressFn, StepError, no_progress, run_cli_step
 from pipeline.data import read_tsv
 from pipeline.metrics import classification_metrics
 from pipeline.preprocess import META_FILE, ModelMeta, length_grouped_batches
@@ -182,8 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        metrics = evaluate(
+    return run_cli_step(
+        lambda: evaluate(
             args.model,
             args.data,
             batch_size=args.batch_size,
@@ -191,11 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
             threads=args.threads,
         )
-    except StepError as exc:
-        log.error("%s", exc)
-        return 2
-    sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
-    return 0
+    )
 
 
 if __name__ == "__main__":

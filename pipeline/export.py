@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.common import ProgressFn, StepError, no_progress
+from pipeline.common import ProgressFn, StepError, no_progress, run_cli_step
 from pipeline.data import read_tsv
 from pipeline.modeling import copy_tokenizer_and_meta, load_model
 from pipeline.preprocess import META_FILE, ModelMeta, encode, load_tokenizer
@@ -405,19 +405,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--check-data", type=Path, default=None, help="TSV whose sentences to check")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        result = export_onnx(
+    return run_cli_step(
+        lambda: export_onnx(
             args.model,
             args.out,
             check_texts=load_check_texts(args.check_data),
             opset=args.opset,
             atol=args.atol,
         )
-    except StepError as exc:
-        log.error("%s", exc)
-        return 2
-    sys.stdout.write(json.dumps(result.metrics, indent=2, default=str) + "\n")
-    return 0
+    )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import ProgressFn, StepError, no_progress
+from pipeline.common import ProgressFn, StepError, no_progress, run_cli_step
 from pipeline.export import (
     MODEL_FILE,
     OUTPUT_NAME,
@@ -316,18 +316,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--check-data", type=Path, default=None, help="TSV whose sentences to check")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        result = to_fp16(
+    return run_cli_step(
+        lambda: to_fp16(
             args.model,
             args.out,
             use_gpu=args.use_gpu,
             check_texts=load_check_texts(args.check_data),
         )
-    except StepError as exc:
-        log.error("%s", exc)
-        return 2
-    sys.stdout.write(json.dumps(result.metrics, indent=2, default=str) + "\n")
-    return 0
+    )
 
 
 if __name__ == "__main__":

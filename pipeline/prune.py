@@ -27,7 +27,6 @@ process must import :mod:`pipeline.prune` before loading one.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -49,7 +48,7 @@ from transformers import (
     BertModel,
 )
 
-from pipeline.common import ProgressFn, StepError, no_progress
+from pipeline.common import ProgressFn, StepError, no_progress, run_cli_step
 from pipeline.data import Dataset, TSVError, read_tsv
 from pipeline.metrics import classification_metrics
 from pipeline.modeling import architecture, load_model, save_model_folder
@@ -685,8 +684,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        result = prune(
+    return run_cli_step(
+        lambda: prune(
             args.model,
             args.data,
             args.out,
@@ -699,11 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             device=args.device,
         )
-    except StepError as exc:
-        log.error("%s", exc)
-        return 2
-    sys.stdout.write(json.dumps(result.metrics, indent=2, default=str) + "\n")
-    return 0
+    )
 
 
 if __name__ == "__main__":

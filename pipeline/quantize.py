@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.common import ProgressFn, StepError, no_progress
+from pipeline.common import ProgressFn, StepError, no_progress, run_cli_step
 from pipeline.export import (
     MODEL_FILE,
     OUTPUT_NAME,
@@ -224,8 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--min-agreement", type=float, default=INT8_MIN_AGREEMENT)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        result = quantize_int8(
+    return run_cli_step(
+        lambda: quantize_int8(
             args.model,
             args.out,
             per_channel=args.per_channel,
@@ -233,11 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fuse=args.fuse,
             min_agreement=args.min_agreement,
         )
-    except StepError as exc:
-        log.error("%s", exc)
-        return 2
-    sys.stdout.write(json.dumps(result.metrics, indent=2, default=str) + "\n")
-    return 0
+    )
 
 
 if __name__ == "__main__":

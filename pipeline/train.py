@@ -10,7 +10,6 @@ padded batches, used by distillation), :func:`resolve_device` and
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import random
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.common import ProgressFn, StepError, no_progress
+from pipeline.common import ProgressFn, StepError, no_progress, run_cli_step
 from pipeline.data import Dataset, read_tsv
 from pipeline.metrics import classification_metrics
 from pipeline.modeling import (
@@ -610,8 +609,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        result = train(
+    return run_cli_step(
+        lambda: train(
             args.train,
             args.out,
             eval_tsv=args.eval,
@@ -624,11 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
             threads=args.threads,
         )
-    except StepError as exc:
-        log.error("%s", exc)
-        return 2
-    sys.stdout.write(json.dumps(result.metrics, indent=2, default=str) + "\n")
-    return 0
+    )
 
 
 if __name__ == "__main__":
