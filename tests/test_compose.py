@@ -55,14 +55,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 import httpx
+import jsonschema
 import pytest
+import yaml
 
 from textcls.embedded import ProcessGroup, free_port, wait_for
-
-yaml = pytest.importorskip("yaml", reason="pyyaml is a dev dependency (pip install -e .[dev])")
-jsonschema = pytest.importorskip(
-    "jsonschema", reason="jsonschema is a dev dependency (pip install -e .[dev])"
-)
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"

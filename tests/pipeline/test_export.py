@@ -111,7 +111,7 @@ def test_pruned_folder_exports(
     trained_tiny_model: Path, small_splits: Splits, tmp_path: Path
 ) -> None:
     """A pruned BERT (own model_type, attention narrower than hidden) exports and checks."""
-    prune = pytest.importorskip("pipeline.prune")
+    import pipeline.prune as prune
     from pipeline.modeling import save_model_folder
 
     model = load_model(trained_tiny_model)
