@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -39,3 +40,25 @@ def run_cli_step(step: Callable[[], Any]) -> int:
     metrics = getattr(result, "metrics", result)
     sys.stdout.write(json.dumps(metrics, indent=2, default=str) + "\n")
     return 0
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, epochs: int) -> None:
+    """The common training options of a step's CLI (names as in the job params)."""
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--device", default=None)
+
+
+def training_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed common training options, as keyword arguments of a step."""
+    return {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "max_length": args.max_length,
+        "seed": args.seed,
+        "device": args.device,
+    }

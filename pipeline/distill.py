@@ -33,7 +33,14 @@ import numpy as np
 import torch
 from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
 
-from pipeline.common import ProgressFn, StepError, no_progress, run_cli_step
+from pipeline.common import (
+    ProgressFn,
+    StepError,
+    add_training_args,
+    no_progress,
+    run_cli_step,
+    training_kwargs,
+)
 from pipeline.data import Dataset
 from pipeline.metrics import classification_metrics
 from pipeline.modeling import architecture, load_model, save_model_folder
@@ -558,12 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--student-model", type=Path, default=None, help="student model folder")
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--no-hidden-match", action="store_true")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--learning-rate", type=float, default=None)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default=None)
+    add_training_args(p, epochs=5)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     return run_cli_step(
@@ -576,12 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             student_model_dir=args.student_model,
             temperature=args.temperature,
             hidden_match=not args.no_hidden_match,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            max_length=args.max_length,
-            seed=args.seed,
-            device=args.device,
+            **training_kwargs(args),
         )
     )
 

@@ -48,7 +48,14 @@ from transformers import (
     BertModel,
 )
 
-from pipeline.common import ProgressFn, StepError, no_progress, run_cli_step
+from pipeline.common import (
+    ProgressFn,
+    StepError,
+    add_training_args,
+    no_progress,
+    run_cli_step,
+    training_kwargs,
+)
 from pipeline.data import Dataset, TSVError, read_tsv
 from pipeline.metrics import classification_metrics
 from pipeline.modeling import architecture, load_model, save_model_folder
@@ -676,12 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="output model folder")
     p.add_argument("--target-heads", type=int, default=8)
     p.add_argument("--target-ffn", type=int, default=2048)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs after pruning")
-    p.add_argument("--learning-rate", type=float, default=None)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default=None)
+    add_training_args(p, epochs=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     return run_cli_step(
@@ -691,12 +693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out,
             target_heads=args.target_heads,
             target_ffn=args.target_ffn,
-            max_length=args.max_length,
-            batch_size=args.batch_size,
-            epochs=args.epochs,
-            learning_rate=args.learning_rate,
-            seed=args.seed,
-            device=args.device,
+            **training_kwargs(args),
         )
     )
 

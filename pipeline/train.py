@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.common import ProgressFn, StepError, no_progress, run_cli_step
+from pipeline.common import (
+    ProgressFn,
+    StepError,
+    add_training_args,
+    no_progress,
+    run_cli_step,
+    training_kwargs,
+)
 from pipeline.data import Dataset, read_tsv
 from pipeline.metrics import classification_metrics
 from pipeline.modeling import (
@@ -600,12 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="output model folder")
     p.add_argument("--eval", type=Path, default=None, help="evaluation TSV (default: 10%% split)")
     p.add_argument("--base-model", default="scratch:tiny")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--learning-rate", type=float, default=None)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default=None)
+    add_training_args(p, epochs=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -615,13 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out,
             eval_tsv=args.eval,
             base_model=args.base_model,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            max_length=args.max_length,
-            seed=args.seed,
-            device=args.device,
             threads=args.threads,
+            **training_kwargs(args),
         )
     )
 

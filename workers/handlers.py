@@ -20,6 +20,7 @@ from textcls.jobs import (
     Fp16Params,
     PruneParams,
     QuantizeParams,
+    TrainingParams,
     TrainParams,
 )
 from textcls.models import Evaluation, Job, Model, ModelFormat, utcnow
@@ -87,6 +88,29 @@ def _derived(
     )
 
 
+def _training_kwargs(ctx: JobContext, p: TrainingParams) -> dict[str, Any]:
+    """The common training parameters, as every training-like step takes them."""
+    return {
+        "epochs": p.epochs,
+        "batch_size": p.batch_size,
+        "learning_rate": p.learning_rate,
+        "max_length": p.max_length,
+        "seed": p.seed,
+        "progress": ctx.progress,
+    }
+
+
+def _pytorch_input(
+    ctx: JobContext, model_id: int, dataset_id: int, kind: str
+) -> tuple[Model, Path, Path]:
+    """A pytorch source model and a dataset whose labels it covers."""
+    model, model_dir = ctx.model(model_id)
+    _need_format(model, {ModelFormat.pytorch}, kind)
+    ds, data_path = ctx.dataset(dataset_id)
+    _check_labels(model, ds.num_labels, dataset_id)
+    return model, model_dir, data_path
+
+
 @handler("train")
 def run_train(ctx: JobContext) -> Outcome:
     from pipeline.train import train
@@ -99,12 +123,7 @@ def run_train(ctx: JobContext) -> Outcome:
         ctx.out_dir(),
         eval_tsv=eval_path,
         base_model=p.base_model,
-        epochs=p.epochs,
-        batch_size=p.batch_size,
-        learning_rate=p.learning_rate,
-        max_length=p.max_length,
-        seed=p.seed,
-        progress=ctx.progress,
+        **_training_kwargs(ctx, p),
     )
     info = {
         **_arch_info(result.model_dir),
@@ -129,22 +148,14 @@ def run_prune(ctx: JobContext) -> Outcome:
     from pipeline.prune import prune
 
     p = cast(PruneParams, ctx.params)
-    model, model_dir = ctx.model(p.model_id)
-    _need_format(model, {ModelFormat.pytorch}, "prune")
-    ds, data_path = ctx.dataset(p.dataset_id)
-    _check_labels(model, ds.num_labels, p.dataset_id)
+    model, model_dir, data_path = _pytorch_input(ctx, p.model_id, p.dataset_id, "prune")
     result = prune(
         model_dir,
         data_path,
         ctx.out_dir(),
         target_heads=p.target_heads,
         target_ffn=p.target_ffn,
-        max_length=p.max_length,
-        batch_size=p.batch_size,
-        epochs=p.epochs,
-        learning_rate=p.learning_rate,
-        seed=p.seed,
-        progress=ctx.progress,
+        **_training_kwargs(ctx, p),
     )
     return _derived(
         ctx,
@@ -161,10 +172,9 @@ def run_distill(ctx: JobContext) -> Outcome:
     from pipeline.distill import distill
 
     p = cast(DistillParams, ctx.params)
-    teacher, teacher_dir = ctx.model(p.teacher_model_id)
-    _need_format(teacher, {ModelFormat.pytorch}, "distill")
-    ds, data_path = ctx.dataset(p.dataset_id)
-    _check_labels(teacher, ds.num_labels, p.dataset_id)
+    teacher, teacher_dir, data_path = _pytorch_input(
+        ctx, p.teacher_model_id, p.dataset_id, "distill"
+    )
     eval_path = ctx.dataset(p.eval_dataset_id)[1] if p.eval_dataset_id is not None else None
     result = distill(
         teacher_dir,
@@ -175,12 +185,7 @@ def run_distill(ctx: JobContext) -> Outcome:
         student_model_dir=Path(p.student_model_dir) if p.student_model_dir else None,
         temperature=p.temperature,
         hidden_match=p.hidden_match,
-        epochs=p.epochs,
-        batch_size=p.batch_size,
-        learning_rate=p.learning_rate,
-        max_length=p.max_length,
-        seed=p.seed,
-        progress=ctx.progress,
+        **_training_kwargs(ctx, p),
     )
     return _derived(
         ctx,
