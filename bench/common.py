@@ -130,8 +130,12 @@ def cpu_info() -> CpuInfo:
     register holds 64 MACs; two ports -> 128 MACs = 256 ops/cycle (AVX2-VNNI
     or plain AVX2 ``VPMADDUBSW`` + ``VPMADDWD``: half that or less). AMX
     (``TDPBUSD``) peaks at 1024 int8 MACs/cycle; it is listed separately
-    because only some ONNX Runtime kernels use it. The clock is the one
-    /proc/cpuinfo reports (nominal under a hypervisor; turbo is not counted).
+    because only some ONNX Runtime kernels use it. AMD Zen 4 (family 25,
+    model >= 0x10) runs AVX-512 on 256-bit datapaths ("double pumped"): two
+    256-bit FMA pipes -> 32 fp32 FLOPs/cycle, and one 512-bit ``VPDPBUSD``
+    per cycle -> 64 MACs = 128 int8 ops/cycle; both halve the Intel figures.
+    The clock is the one /proc/cpuinfo reports (nominal under a hypervisor;
+    turbo is not counted).
     """
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = _first(r"^model name\s*:\s*(.+)$", text) or platform.processor() or "unknown"
@@ -166,6 +170,13 @@ def cpu_info() -> CpuInfo:
     else:
         int8, int8_basis = 16, "no int8 dot-product instructions"
     amx = 2048 if "amx_int8" in flags else 0
+    family = int(_first(r"^cpu family\s*:\s*(\d+)$", text) or 0)
+    cpu_model = int(_first(r"^model\s*:\s*(\d+)$", text) or 0)
+    zen4 = "AuthenticAMD" in text and family == 25 and cpu_model >= 0x10
+    if zen4 and "avx512f" in flags:
+        fp32, fp32_basis = 32, "AMD Zen 4 AVX-512 on 256-bit pipes: 2 FMA x 8 fp32 lanes x 2"
+        if "avx512_vnni" in flags:
+            int8, int8_basis = 128, "Zen 4 VNNI: 1 x 512-bit VPDPBUSD/cycle = 64 MACs x 2"
     return CpuInfo(
         model=model.strip(),
         cores=cores,

@@ -7,7 +7,12 @@
 * **baseline** — :mod:`bench.baseline_server`: FastAPI + the PyTorch fp32
   teacher, one request at a time, every input padded to ``max_length`` (what
   the seed's ``deploy/`` did).
-* optional **worker-nowait** — the same worker with ``TEXTCLS_BATCH_MAX_WAIT_MS=0``
+* **worker-static** — the same worker with the batching of earlier releases:
+  ``TEXTCLS_BATCH_ADAPTIVE_WAIT=false`` (always wait up to
+  ``batch_max_wait_ms`` for a full batch) and
+  ``TEXTCLS_BATCH_CALL_OVERHEAD_TOKENS=0`` (no length groups: every call pads
+  up to ``batch_max_size`` texts to the longest).
+* optional **worker-nowait** — the shipped worker with ``TEXTCLS_BATCH_MAX_WAIT_MS=0``
   (batches form only from requests that queued while the model was busy).
 * optional **worker-teacher** — the worker serving the PyTorch teacher: how much
   of the gain is the serving stack and how much the compressed model.
@@ -30,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -57,8 +61,7 @@ from textcls.embedded import free_port, inference_command, python
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("baseline", "worker", "worker-nowait", "worker-teacher", "candidate")
-DEFAULT_CANDIDATE = "bench.candidate_worker:app_factory"
+VARIANTS = ("baseline", "worker", "worker-static", "worker-nowait", "worker-teacher", "candidate")
 TARGET_RPS_RATIO = 8.0
 TARGET_OVERHEAD_RATIO = 1.25
 
@@ -129,10 +132,14 @@ def start_servers(
         }
         if name == "worker-nowait":
             env["TEXTCLS_BATCH_MAX_WAIT_MS"] = "0"
+        if name == "worker-static":
+            env["TEXTCLS_BATCH_ADAPTIVE_WAIT"] = "false"
+            env["TEXTCLS_BATCH_CALL_OVERHEAD_TOKENS"] = "0"
         command = inference_command("127.0.0.1", port)
         if name == "candidate":
-            factory = candidate_factory or DEFAULT_CANDIDATE
-            command[command.index("deploy.inference:app_factory")] = factory
+            if not candidate_factory:
+                raise SystemExit("the candidate variant needs --candidate-factory module:function")
+            command[command.index("deploy.inference:app_factory")] = candidate_factory
         proc = stack.group.start(name, command, env)
         servers[name] = {
             "pid": proc.popen.pid,
@@ -450,7 +457,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     cs = result["config"]["concurrency"]
     top = max(cs)
     ov = result.get("overhead") or {}
-    for name in ("worker", "worker-nowait", "candidate"):
+    for name in ("worker", "worker-static", "worker-nowait", "candidate"):
         note = "" if name == "worker" else " (not what ships today)"
         if "baseline" in load and name in load:
             ratio = _get(load[name], top)["rps"] / _get(load["baseline"], top)["rps"]
@@ -500,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--candidate-factory",
         default=None,
         help="uvicorn app factory (module:function, importable with PYTHONPATH) served as "
-        f"the 'candidate' variant (default {DEFAULT_CANDIDATE})",
+        "the 'candidate' variant: a proposed change to the worker, tried side by side",
     )
     p.add_argument("--sentences", type=int, default=400, help="held-out sentences to cycle")
     p.add_argument("--overhead-requests", type=int, default=None)
@@ -516,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     quick = args.quick
     variants = args.variants or (
-        ["baseline", "worker"] if quick else ["baseline", "worker", "worker-nowait"]
+        ["baseline", "worker"] if quick else ["baseline", "worker", "worker-static"]
     )
     rounds = args.rounds or (1 if quick else 3)
     duration = args.duration or (3.0 if quick else 6.0)
@@ -545,8 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "warmup_s": warmup,
         "threads": threads,
         "client": args.client,
-        "candidate_factory": args.candidate_factory or DEFAULT_CANDIDATE,
-        "candidate_features": os.environ.get("TEXTCLS_CANDIDATE", "adaptive,split,skln"),
+        "candidate_factory": args.candidate_factory,
         "sentences": len(texts),
         "sentence_chars_p50": float(np.median([len(t) for t in texts])),
         "chain": chain.describe(),

@@ -167,6 +167,11 @@ def _run_model(model: LoadedModel, texts: list[str]) -> tuple[Any, Any]:
     return model.predictor.predict(texts)
 
 
+def _text_cost(model: LoadedModel, text: str) -> int:
+    # Characters approximate tokens for Chinese vocabularies; truncation caps them.
+    return min(len(text) + 2, int(getattr(model.predictor, "max_length", 512)))
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -205,6 +210,9 @@ def create_app(
         max_batch_size=settings.batch_max_size,
         max_wait_s=settings.batch_max_wait_ms / 1000.0,
         chunk_size=settings.predict_chunk_size,
+        adaptive_wait=settings.batch_adaptive_wait,
+        length_of=_text_cost,
+        call_overhead_tokens=settings.batch_call_overhead_tokens,
         on_batch=metrics.batch_size.observe,
     )
     metrics.queued.set_function(lambda: batcher.queued_texts)

@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     # Inference worker dynamic batching.
     batch_max_size: int = 32
     batch_max_wait_ms: float = 5.0
+    # Wait for company only as long as the previous model call had it (none
+    # after a lone request); False always waits up to batch_max_wait_ms.
+    batch_adaptive_wait: bool = True
+    # A model call's fixed cost in padded tokens, for cutting batches into
+    # length groups (0: one call per max_size texts however uneven).
+    batch_call_overhead_tokens: int = 30
     predict_chunk_size: int = 32
     # Inference workers re-read the current deployment this often even without
     # a pub/sub message (a missed message or a Redis restart delays a switch,

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from deploy.batcher import DynamicBatcher
+from deploy.batcher import DynamicBatcher, length_groups
 from deploy.inference import PredictInputError, parse_predict_body
 
 
@@ -107,6 +107,102 @@ def test_model_error_fails_only_its_batch() -> None:
     (bad, good), _ = asyncio.run(_with_batcher(go, max_batch_size=4, max_wait_s=0.0))
     assert isinstance(bad[0], RuntimeError)
     assert good == _expected(["good"])
+
+
+def _cost(lengths: list[int], runs: list[range], overhead: int) -> int:
+    return sum(overhead + len(r) * lengths[r.stop - 1] for r in runs)
+
+
+def test_length_groups_are_optimal_and_bounded() -> None:
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(40):
+        n = rng.randint(1, 9)
+        lengths = sorted(rng.randint(3, 130) for _ in range(n))
+        max_size, overhead = rng.randint(1, 6), rng.choice([0, 5, 30, 200])
+        runs = length_groups(lengths, max_size, overhead)
+        # The runs cover 0..n in order, none longer than max_size.
+        assert [i for r in runs for i in r] == list(range(n))
+        assert all(1 <= len(r) <= max_size for r in runs)
+        if overhead == 0:  # grouping off: plain runs of max_size
+            assert [len(r) for r in runs[:-1]] == [max_size] * (len(runs) - 1)
+            continue
+        # Brute force over every way to cut: nothing is cheaper.
+        best = min(
+            _cost(lengths, [range(a, b) for a, b in itertools.pairwise((0, *cuts, n))], overhead)
+            for k in range(n)
+            for cuts in itertools.combinations(range(1, n), k)
+            if all(b - a <= max_size for a, b in itertools.pairwise((0, *cuts, n)))
+        )
+        assert _cost(lengths, runs, overhead) == best
+
+
+def test_uneven_lengths_are_split_into_groups() -> None:
+    """Short texts do not pay for a long one's padding when calls are cheap enough."""
+    model = FakeModel("a", delay=0.05)
+    texts = ["短" * 5] * 6 + ["长" * 120] * 2
+
+    async def go(b: DynamicBatcher) -> Any:
+        # One request occupies the model while the rest queue up together.
+        first = asyncio.ensure_future(b.predict(model, ["先"]))
+        await asyncio.sleep(0.01)
+        rest = await asyncio.gather(*(b.predict(model, [t]) for t in texts))
+        return await first, rest
+
+    (first, rest), _ = asyncio.run(
+        _with_batcher(go, max_batch_size=32, max_wait_s=0.0, call_overhead_tokens=30)
+    )
+    assert first == _expected(["先"]) and rest == [_expected([t]) for t in texts]
+    assert sorted(len(c) for c in model.calls[1:]) == [2, 6]
+    assert [len(t) for t in model.calls[1]] == [5] * 6  # the short group runs first
+    # With grouping off the same queue is one padded call.
+    model2 = FakeModel("b", delay=0.05)
+
+    async def go2(b: DynamicBatcher) -> Any:
+        first = asyncio.ensure_future(b.predict(model2, ["先"]))
+        await asyncio.sleep(0.01)
+        await asyncio.gather(*(b.predict(model2, [t]) for t in texts))
+        return await first
+
+    asyncio.run(_with_batcher(go2, max_batch_size=32, max_wait_s=0.0, call_overhead_tokens=0))
+    assert [len(c) for c in model2.calls] == [1, 8]
+
+
+def test_adaptive_wait_skips_the_wait_for_a_lone_client() -> None:
+    """One client at a time never waits max_wait_s; a fixed wait would add it to every request."""
+    model = FakeModel("a")
+    wait = 0.05
+
+    async def sequential(b: DynamicBatcher) -> float:
+        start = time.perf_counter()
+        for i in range(10):
+            await b.predict(model, [f"句子{i}"])
+        return (time.perf_counter() - start) / 10
+
+    adaptive, _ = asyncio.run(_with_batcher(sequential, max_wait_s=wait))
+    fixed, _ = asyncio.run(_with_batcher(sequential, max_wait_s=wait, adaptive_wait=False))
+    assert adaptive < wait / 2 <= wait <= fixed
+
+
+def test_adaptive_wait_still_gathers_a_crowd() -> None:
+    """Clients that each send again on an answer are gathered into one call per round."""
+    model = FakeModel("a", delay=0.01)
+    clients, requests = 8, 6
+
+    async def client(b: DynamicBatcher, k: int) -> None:
+        for i in range(requests):
+            await b.predict(model, [f"c{k}-{i}"])
+            await asyncio.sleep(0.001 * (k % 3))  # answers arrive back at slightly different times
+
+    async def crowd(b: DynamicBatcher) -> None:
+        await asyncio.gather(*(client(b, k) for k in range(clients)))
+
+    _, sizes = asyncio.run(_with_batcher(crowd, max_batch_size=32, max_wait_s=0.05))
+    assert sum(sizes) == clients * requests
+    # The first call holds whoever came first; from then on every round comes in whole.
+    assert sizes[-(requests - 1) :] == [clients] * (requests - 1)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from pipeline.corpus import Splits
 from pipeline.data import read_tsv
 from pipeline.modeling import copy_tokenizer_and_meta, load_model
 from pipeline.preprocess import ModelMeta, encode, load_tokenizer
-from pipeline.runtime import Predictor, load_predictor
+from pipeline.runtime import CPU_DISABLED_OPTIMIZERS, Predictor, load_predictor
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -73,6 +73,41 @@ def test_predict_labels_and_probabilities(torch_predictor: Predictor, texts: lis
     np.testing.assert_array_equal(labels, logits.argmax(axis=1))
     empty = torch_predictor.predict_logits([])
     assert empty.shape == (0, 2)
+
+
+def _optimized_op_types(model: Path, out: Path, disabled: list[str]) -> list[str]:
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(out)
+    ort.InferenceSession(
+        str(model), opts, providers=["CPUExecutionProvider"], disabled_optimizers=disabled
+    )
+    return [n.op_type for n in onnx.load(str(out)).graph.node]
+
+
+def test_cpu_sessions_skip_skiplayernorm_fusion(
+    tmp_path: Path, trained_tiny_onnx: Path, texts: list[str]
+) -> None:
+    """CPU sessions leave SkipLayerNormFusion off (it fires on the int8 graph), same logits."""
+    from pipeline.quantize import quantize_int8
+
+    int8 = quantize_int8(trained_tiny_onnx, tmp_path / "int8").model_dir
+    shipped = load_predictor(int8, device="cpu", threads=1)
+    assert shipped.disabled_optimizers == CPU_DISABLED_OPTIMIZERS
+    # The premise: ORT fuses the int8 graph's Add + LayerNormalization unless told not to.
+    onnx_file = int8 / "model.onnx"
+    fused = _optimized_op_types(onnx_file, tmp_path / "all.onnx", [])
+    unfused = _optimized_op_types(onnx_file, tmp_path / "off.onnx", list(CPU_DISABLED_OPTIMIZERS))
+    assert fused.count("SkipLayerNormalization") > 0
+    assert unfused.count("SkipLayerNormalization") == 0
+    full = load_predictor(int8, device="cpu", threads=1, disabled_optimizers=())
+    assert full.disabled_optimizers == ()
+    # The kernels round differently (int8 activations are quantized per call): close, not equal.
+    np.testing.assert_allclose(shipped.predict_logits(texts), full.predict_logits(texts), atol=2e-3)
+    assert (shipped.predict(texts)[0] == full.predict(texts)[0]).mean() >= 0.99
 
 
 def test_long_lists_are_chunked_in_order(onnx_predictor: Predictor, texts: list[str]) -> None:
