@@ -340,8 +340,9 @@ def create_app(
             metrics.latency.observe(time.perf_counter() - started)
 
     @app.get("/health", tags=["meta"])
-    def health() -> dict[str, str]:
+    async def health() -> dict[str, str]:
         """The process is up (a model may not be loaded yet: see ``/ready``)."""
+        # async: answered on the event loop, no thread-pool hop (probes are frequent)
         return {"status": "ok", "version": __version__}
 
     @app.get("/ready", tags=["meta"])

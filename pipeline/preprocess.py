@@ -40,6 +40,11 @@ def load_tokenizer(folder: Path | str) -> Any:
     """The tokenizer saved in a model folder."""
     from transformers import AutoTokenizer
 
+    from pipeline.runtime import register_architecture
+
+    # AutoTokenizer reads config.json: a custom model_type (a pruned BERT) must
+    # be registered first, or transformers warns that it does not know it.
+    register_architecture(Path(folder))
     return AutoTokenizer.from_pretrained(str(folder))
 
 
