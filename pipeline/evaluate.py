@@ -152,6 +152,8 @@ def _evaluate(
             "size_bytes": model_size_bytes(model_dir),
             "format": predictor.format,
             "device": predictor.device,
+            # CPU threads the model ran on (None: ONNX Runtime's default, one per core).
+            "threads": _threads_used(predictor, threads),
             "num_labels": n_model,
         }
     finally:
@@ -168,6 +170,14 @@ def _evaluate(
         result["throughput_per_s"],
     )
     return result
+
+
+def _threads_used(predictor: Any, threads: int | None) -> int | None:
+    if predictor.format == "pytorch" and predictor.device == "cpu":
+        import torch
+
+        return int(torch.get_num_threads())
+    return threads
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -78,9 +78,9 @@ class Stack:
         wait_for(lambda: self.http.get("/health").status_code == 200, 60, "API")
         return self.api
 
-    def start_worker(self, name: str = "worker", queues: str = "gpu,cpu") -> Proc:
+    def start_worker(self, name: str = "worker", queues: str = "gpu,cpu", **extra_env: str) -> Proc:
         proc = self.group.start(
-            f"{name}-{len(self.workers)}", worker_command(queues, name), self.env
+            f"{name}-{len(self.workers)}", worker_command(queues, name), {**self.env, **extra_env}
         )
         self.workers.append(proc)
         wait_for(lambda: "ready" in proc.tail(200), 90, f"worker {name}")

@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     deployment_poll_interval: float = 5.0
     inference_device: str = "auto"
     inference_threads: int | None = None
+    # CPU threads (torch and ONNX Runtime intra-op) for each job a worker runs;
+    # 0 leaves the libraries' defaults (one per core). On a host shared by
+    # several workers, oversubscribed threads can be several times slower.
+    worker_threads: int = Field(default=0, ge=0, le=1024)
 
     @field_validator("model_import_dirs", mode="before")
     @classmethod

@@ -270,6 +270,7 @@ def run_evaluate(ctx: JobContext) -> Outcome:
         batch_size=p.batch_size,
         latency_runs=p.latency_runs,
         progress=ctx.progress,
+        threads=ctx.threads,
     )
 
     def record(session: Session, job: Job, _model: Model | None) -> None:

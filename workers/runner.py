@@ -23,6 +23,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import Session, col
 
 from pipeline.common import JobCancelled, StepError
+from pipeline.runtime import torch_threads
 from textcls.db import session_scope
 from textcls.jobs import JobParams, parse_params
 from textcls.models import Dataset, Job, JobStatus, Model, utcnow
@@ -82,9 +83,20 @@ class Outcome:
 class JobContext:
     """What a handler sees: typed params, paths of inputs, progress and staging."""
 
-    def __init__(self, job: Job, params: JobParams, store: ArtifactStore, beat: Heartbeat) -> None:
+    def __init__(
+        self,
+        job: Job,
+        params: JobParams,
+        store: ArtifactStore,
+        beat: Heartbeat,
+        *,
+        threads: int | None = None,
+    ) -> None:
         assert job.id is not None
         self.job_id: int = job.id
+        # CPU threads for the job's models (TEXTCLS_WORKER_THREADS; torch's are
+        # already set around the handler, ONNX Runtime sessions take it).
+        self.threads = threads
         self.kind = job.kind
         self.params = params
         self.store = store
@@ -336,8 +348,10 @@ def _execute(job_id: int, attempt: int, worker: str) -> str:
             fn = HANDLERS.get(job.kind)
             if fn is None:
                 raise StepError(f"no handler for job kind {job.kind!r}")
-            ctx = JobContext(job, params, store, beat)
-            outcome = fn(ctx)
+            threads = settings.worker_threads or None
+            ctx = JobContext(job, params, store, beat, threads=threads)
+            with torch_threads(threads):
+                outcome = fn(ctx)
             if beat.lost.is_set():
                 return "lost"
             if outcome.detach:

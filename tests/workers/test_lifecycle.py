@@ -21,7 +21,8 @@ def test_train_job_lifecycle(
 ) -> None:
     stack = make_stack(backend)
     stack.start_api()
-    stack.start_worker()
+    # The stack runs with OMP_NUM_THREADS=1; the worker setting must win over it.
+    stack.start_worker(TEXTCLS_WORKER_THREADS="2")
     train = stack.upload(job_splits.train, "train")
     dev = stack.upload(job_splits.dev, "dev")
     job = stack.submit(
@@ -55,6 +56,12 @@ def test_train_job_lifecycle(
     AutoTokenizer.from_pretrained(str(folder))
     # Nothing left behind in the staging area.
     assert not any((stack.root / "artifacts" / "tmp").iterdir())
+    # Jobs run on TEXTCLS_WORKER_THREADS CPU threads.
+    ev = stack.wait_job(
+        stack.submit("evaluate", model_id=model["id"], dataset_id=dev["id"], latency_runs=5)["id"]
+    )
+    assert ev["status"] == "succeeded", (ev, stack.logs())
+    assert ev["metrics"]["threads"] == 2 and ev["metrics"]["device"] == "cpu"
 
 
 def test_failed_job_says_why(
