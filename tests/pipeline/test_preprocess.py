@@ -1,0 +1,58 @@
+"""The shared preprocessing: encode() gives exactly what the transformers call gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline.corpus import Splits
+from pipeline.data import read_tsv
+from pipeline.preprocess import encode, load_tokenizer, make_char_tokenizer
+
+KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _reference(tokenizer: Any, texts: list[str], max_length: int, pad_to: int | None) -> Any:
+    """The plain transformers call encode() used to make (and still makes for slow tokenizers)."""
+    enc = tokenizer(
+        texts,
+        padding="max_length" if pad_to else "longest",
+        truncation=True,
+        max_length=pad_to or max_length,
+        return_tensors="np",
+    )
+    return {k: np.asarray(enc[k], dtype=np.int64) for k in KEYS}
+
+
+@pytest.mark.parametrize(("max_length", "pad_to"), [(16, None), (64, None), (256, None), (32, 32)])
+def test_encode_matches_the_transformers_call(
+    random_model_dir: Path, small_splits: Splits, max_length: int, pad_to: int | None
+) -> None:
+    tok = load_tokenizer(random_model_dir)
+    texts = read_tsv(small_splits.test).texts
+    # Real review text, with odd cases mixed in: Latin letters to lower-case,
+    # unknown characters, spaces, and sentences cut by truncation.
+    texts = ["Hello 世界 ABC", "  前后有空格  ", "☃ 未知字符 ⛄", *texts]
+    assert max(len(t) for t in texts) > 64  # truncation really happens at 16 and 64
+    for size in (1, 3, 32):
+        for start in range(0, 200, size):
+            batch = texts[start : start + size]
+            got = encode(tok, batch, max_length, pad_to=pad_to)
+            want = _reference(tok, batch, max_length, pad_to)
+            for key in KEYS:
+                assert got[key].dtype == np.int64
+                np.testing.assert_array_equal(got[key], want[key], err_msg=f"{key} at {start}")
+    # The tokenizer's own settings are untouched: a plain call still pads nothing.
+    assert len(tok(["一", "一二三"])["input_ids"][0]) == 3
+
+
+def test_encode_on_a_fresh_char_tokenizer() -> None:
+    """A tokenizer built in memory (never saved) goes through the same path."""
+    tok = make_char_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "好", "坏"])
+    got = encode(tok, ["好好", "坏"], 8)
+    np.testing.assert_array_equal(got["input_ids"], [[2, 5, 5, 3], [2, 6, 3, 0]])
+    np.testing.assert_array_equal(got["attention_mask"], [[1, 1, 1, 1], [1, 1, 1, 0]])
+    np.testing.assert_array_equal(got["token_type_ids"], np.zeros((2, 4)))
