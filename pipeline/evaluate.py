@@ -87,89 +87,70 @@ def evaluate(
     the model (ONNX Runtime intra-op, or torch's, restored afterwards).
     """
     with torch_threads(threads):
-        return _evaluate(
-            Path(model_dir),
-            Path(dataset_tsv),
-            batch_size=batch_size,
-            latency_runs=latency_runs,
-            device=device,
-            progress=progress,
-            threads=threads,
+        if batch_size < 1 or latency_runs < 0:
+            raise StepError(
+                f"batch_size must be >= 1 and latency_runs >= 0 (got {batch_size}, {latency_runs})"
+            )
+        model_dir = Path(model_dir)
+        data = read_tsv(Path(dataset_tsv))
+        data_labels = sorted(set(data.labels))
+        if (model_dir / META_FILE).is_file():
+            # Checked before loading the model: a mismatch should fail fast.
+            _check_labels(data_labels, ModelMeta.load(model_dir).num_labels)
+        progress(0.0, "loading model")
+        predictor = load_predictor(model_dir, device=device, threads=threads)
+        try:
+            n_model = predictor.num_labels
+            _check_labels(data_labels, n_model)
+
+            # Length-grouped like training, so padding does not dominate the timing.
+            lengths = predictor.token_lengths(data.texts)
+            batches = length_grouped_batches(lengths, batch_size, shuffle=False)
+            # One untimed batch first: the first call pays for lazy initialisation.
+            predictor.predict_encoded(predictor.encode([data.texts[i] for i in batches[0]]))
+            logits = np.zeros((len(data), n_model), dtype=np.float32)
+            start = time.perf_counter()
+            for b, idx in enumerate(batches):
+                logits[idx] = predictor.predict_encoded(
+                    predictor.encode([data.texts[i] for i in idx])
+                )
+                if b % 5 == 0:
+                    progress(0.05 + 0.75 * (b + 1) / len(batches), "predicting")
+            seconds = time.perf_counter() - start
+            preds = logits.argmax(axis=1)
+            scores = classification_metrics(data.labels, preds, max(n_model, data_labels[-1] + 1))
+
+            latency: dict[str, float] | None = None
+            if latency_runs:
+                progress(0.8, "timing batch 1")
+                latency = _latency(predictor, data.texts, latency_runs)
+            result: dict[str, Any] = {
+                **scores,
+                "rows": len(data),
+                "latency_ms": latency,
+                "throughput_per_s": len(data) / seconds if seconds > 0 else float("inf"),
+                "throughput_batch_size": batch_size,
+                "size_bytes": model_size_bytes(model_dir),
+                "format": predictor.format,
+                "device": predictor.device,
+                # CPU threads the model ran on (None: ONNX Runtime's default, one per core).
+                "threads": _threads_used(predictor, threads),
+                "num_labels": n_model,
+            }
+        finally:
+            predictor.close()
+        progress(1.0, None)
+        log.info(
+            "evaluated %s (%s on %s): accuracy %.4f, macro-F1 %.4f, p50 %s ms, %.1f sentences/s",
+            model_dir,
+            result["format"],
+            result["device"],
+            result["accuracy"],
+            result["macro_f1"],
+            f"{latency['p50']:.2f}" if latency else "-",
+            result["throughput_per_s"],
         )
-
-
-def _evaluate(
-    model_dir: Path,
-    dataset_tsv: Path,
-    *,
-    batch_size: int,
-    latency_runs: int,
-    device: str,
-    progress: ProgressFn,
-    threads: int | None,
-) -> dict[str, Any]:
-    if batch_size < 1 or latency_runs < 0:
-        raise StepError(
-            f"batch_size must be >= 1 and latency_runs >= 0 (got {batch_size}, {latency_runs})"
-        )
-    model_dir = Path(model_dir)
-    data = read_tsv(Path(dataset_tsv))
-    data_labels = sorted(set(data.labels))
-    if (model_dir / META_FILE).is_file():
-        # Checked before loading the model: a mismatch should fail fast.
-        _check_labels(data_labels, ModelMeta.load(model_dir).num_labels)
-    progress(0.0, "loading model")
-    predictor = load_predictor(model_dir, device=device, threads=threads)
-    try:
-        n_model = predictor.num_labels
-        _check_labels(data_labels, n_model)
-
-        # Length-grouped like training, so padding does not dominate the timing.
-        lengths = predictor.token_lengths(data.texts)
-        batches = length_grouped_batches(lengths, batch_size, shuffle=False)
-        # One untimed batch first: the first call pays for lazy initialisation.
-        predictor.predict_encoded(predictor.encode([data.texts[i] for i in batches[0]]))
-        logits = np.zeros((len(data), n_model), dtype=np.float32)
-        start = time.perf_counter()
-        for b, idx in enumerate(batches):
-            logits[idx] = predictor.predict_encoded(predictor.encode([data.texts[i] for i in idx]))
-            if b % 5 == 0:
-                progress(0.05 + 0.75 * (b + 1) / len(batches), "predicting")
-        seconds = time.perf_counter() - start
-        preds = logits.argmax(axis=1)
-        scores = classification_metrics(data.labels, preds, max(n_model, data_labels[-1] + 1))
-
-        latency: dict[str, float] | None = None
-        if latency_runs:
-            progress(0.8, "timing batch 1")
-            latency = _latency(predictor, data.texts, latency_runs)
-        result: dict[str, Any] = {
-            **scores,
-            "rows": len(data),
-            "latency_ms": latency,
-            "throughput_per_s": len(data) / seconds if seconds > 0 else float("inf"),
-            "throughput_batch_size": batch_size,
-            "size_bytes": model_size_bytes(model_dir),
-            "format": predictor.format,
-            "device": predictor.device,
-            # CPU threads the model ran on (None: ONNX Runtime's default, one per core).
-            "threads": _threads_used(predictor, threads),
-            "num_labels": n_model,
-        }
-    finally:
-        predictor.close()
-    progress(1.0, None)
-    log.info(
-        "evaluated %s (%s on %s): accuracy %.4f, macro-F1 %.4f, p50 %s ms, %.1f sentences/s",
-        model_dir,
-        result["format"],
-        result["device"],
-        result["accuracy"],
-        result["macro_f1"],
-        f"{latency['p50']:.2f}" if latency else "-",
-        result["throughput_per_s"],
-    )
-    return result
+        return result
 
 
 def _threads_used(predictor: Any, threads: int | None) -> int | None:

@@ -18,8 +18,6 @@ logits) are shared by :mod:`pipeline.optimize` and :mod:`pipeline.quantize`.
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import logging
 import statistics
 import sys
@@ -35,13 +33,11 @@ import numpy as np
 from pipeline.common import ProgressFn, StepError, no_progress, run_cli_step
 from pipeline.data import read_tsv
 from pipeline.modeling import copy_tokenizer_and_meta, load_model
-from pipeline.preprocess import META_FILE, ModelMeta, encode, load_tokenizer
+from pipeline.preprocess import META_FILE, MODEL_INPUTS, ModelMeta, encode, load_tokenizer
+from pipeline.runtime import LOGITS, ONNX_FILE, register_architecture
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-OUTPUT_NAME = "logits"
 EXPORTER = "torchscript"
 # Protobuf's hard limit; larger models would need external data, out of scope here.
 MAX_ONNX_BYTES = 2 * 1024**3
@@ -68,8 +64,6 @@ DEFAULT_CHECK_TEXTS: tuple[str, ...] = (
 # The trace example: batch 2 with padding, so neither axis is traced at size 1.
 _EXAMPLE_TEXTS = ("这个东西很好用，推荐", "差评")
 
-_PRUNED_MODEL_TYPES = {"textcls_pruned_bert": "pipeline.prune"}
-
 
 @dataclass
 class ExportResult:
@@ -92,8 +86,8 @@ def require_format(model_dir: Path, allowed: Sequence[str], step: str) -> ModelM
         want = " or ".join(allowed)
         article = "an" if want[0] in "aeiou" else "a"
         raise StepError(f"{step} needs {article} {want} model, got {meta.format}")
-    if meta.format.startswith("onnx") and not (model_dir / MODEL_FILE).is_file():
-        raise StepError(f"{step}: {model_dir} has no {MODEL_FILE}")
+    if meta.format.startswith("onnx") and not (model_dir / ONNX_FILE).is_file():
+        raise StepError(f"{step}: {model_dir} has no {ONNX_FILE}")
     return meta
 
 
@@ -105,9 +99,9 @@ def check_contract(model_path: Path, num_labels: int | None = None) -> None:
     int64, float32 = onnx.TensorProto.INT64, onnx.TensorProto.FLOAT
     problems: list[str] = []
     inputs = {i.name: i for i in graph.input}
-    if sorted(inputs) != sorted(INPUT_NAMES):
-        problems.append(f"inputs are {sorted(inputs)}, expected {list(INPUT_NAMES)}")
-    for name in INPUT_NAMES:
+    if sorted(inputs) != sorted(MODEL_INPUTS):
+        problems.append(f"inputs are {sorted(inputs)}, expected {list(MODEL_INPUTS)}")
+    for name in MODEL_INPUTS:
         if name not in inputs:
             continue
         tt = inputs[name].type.tensor_type
@@ -116,20 +110,18 @@ def check_contract(model_path: Path, num_labels: int | None = None) -> None:
         dims = [d.dim_param for d in tt.shape.dim]
         if len(dims) != 2 or not all(dims):
             problems.append(f"input {name} does not have dynamic batch and sequence axes")
-    outputs = [o for o in graph.output if o.name == OUTPUT_NAME]
+    outputs = [o for o in graph.output if o.name == LOGITS]
     if not outputs:
-        problems.append(f"no output named {OUTPUT_NAME!r}")
+        problems.append(f"no output named {LOGITS!r}")
     else:
         tt = outputs[0].type.tensor_type
         if tt.elem_type != float32:
-            problems.append(f"output {OUTPUT_NAME} is not float32")
+            problems.append(f"output {LOGITS} is not float32")
         dims = list(tt.shape.dim)
         if len(dims) != 2 or not dims[0].dim_param:
-            problems.append(f"output {OUTPUT_NAME} is not [batch, num_labels]")
+            problems.append(f"output {LOGITS} is not [batch, num_labels]")
         elif num_labels is not None and dims[1].dim_value not in (0, num_labels):
-            problems.append(
-                f"output {OUTPUT_NAME} has {dims[1].dim_value} labels, not {num_labels}"
-            )
+            problems.append(f"output {LOGITS} has {dims[1].dim_value} labels, not {num_labels}")
     if problems:
         raise StepError(f"{model_path.name} breaks the ONNX contract: " + "; ".join(problems))
 
@@ -170,7 +162,7 @@ def onnx_logits(
     out = []
     for idx in batches:
         feed = encode(tokenizer, [texts[i] for i in idx], max_length)
-        out.append(np.asarray(session.run([OUTPUT_NAME], feed)[0], dtype=np.float32))
+        out.append(np.asarray(session.run([LOGITS], feed)[0], dtype=np.float32))
     return np.concatenate(out)
 
 
@@ -236,14 +228,6 @@ def file_size(path: Path) -> int:
 # --------------------------------------------------------------------------
 
 
-def _register_architecture(model_dir: Path) -> None:
-    """Import the module that registers a custom ``model_type`` (pruned BERT) with ``Auto*``."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    module = _PRUNED_MODEL_TYPES.get(str(config.get("model_type")))
-    if module:
-        importlib.import_module(module)
-
-
 def _logits_module(model: Any) -> Any:
     """Wrap a HF classifier so the traced graph has three positional inputs and one output."""
     import torch
@@ -271,9 +255,9 @@ def export_module(model: Any, tokenizer: Any, out_path: Path, max_length: int, o
     import torch
 
     example = encode(tokenizer, _EXAMPLE_TEXTS, max_length)
-    args = tuple(torch.from_numpy(example[name]) for name in INPUT_NAMES)
-    dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
-    dynamic_axes[OUTPUT_NAME] = {0: "batch"}
+    args = tuple(torch.from_numpy(example[name]) for name in MODEL_INPUTS)
+    dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in MODEL_INPUTS}
+    dynamic_axes[LOGITS] = {0: "batch"}
     wrapped = _logits_module(model)
     with warnings.catch_warnings():
         # Tracer warnings about Python bools from shapes in HF's mask code; the
@@ -291,8 +275,8 @@ def export_module(model: Any, tokenizer: Any, out_path: Path, max_length: int, o
                 args,
                 str(out_path),
                 dynamo=False,
-                input_names=list(INPUT_NAMES),
-                output_names=[OUTPUT_NAME],
+                input_names=list(MODEL_INPUTS),
+                output_names=[LOGITS],
                 dynamic_axes=dynamic_axes,
                 opset_version=opset,
                 do_constant_folding=True,
@@ -316,14 +300,14 @@ def export_onnx(
     meta = require_format(model_dir, ["pytorch"], "export")
     texts = resolve_check_texts(check_texts)
     progress(0.0, "loading model")
-    _register_architecture(model_dir)
+    register_architecture(model_dir)
     tokenizer = load_tokenizer(model_dir)
     # float(): a half-precision checkpoint must still give float32 logits.
     model = load_model(model_dir).float().eval()
 
     progress(0.1, "exporting")
     out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = out_dir / MODEL_FILE
+    onnx_path = out_dir / ONNX_FILE
     start = time.perf_counter()
     try:
         export_module(model, tokenizer, onnx_path, meta.max_length, opset)
@@ -363,7 +347,7 @@ def export_onnx(
     torch_one = {k: torch.from_numpy(v) for k, v in one.items()}
     with torch.inference_mode():
         torch_ms = median_latency_ms(lambda: model(**torch_one))
-    onnx_ms = median_latency_ms(lambda: session.run([OUTPUT_NAME], one))
+    onnx_ms = median_latency_ms(lambda: session.run([LOGITS], one))
 
     extra = dict(meta.extra)
     extra.update(exporter=EXPORTER, opset=opset)

@@ -33,8 +33,6 @@ from typing import Any
 
 from pipeline.common import ProgressFn, StepError, no_progress, run_cli_step
 from pipeline.export import (
-    MODEL_FILE,
-    OUTPUT_NAME,
     check_batches,
     check_contract,
     compare_logits,
@@ -48,6 +46,7 @@ from pipeline.export import (
     resolve_check_texts,
 )
 from pipeline.preprocess import ModelMeta, encode, load_tokenizer
+from pipeline.runtime import LOGITS, ONNX_FILE
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +215,7 @@ def to_fp16(
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     meta = require_format(onnx_dir, ["onnx"], "fp16")
     texts = resolve_check_texts(check_texts)
-    parent_path = onnx_dir / MODEL_FILE
+    parent_path = onnx_dir / ONNX_FILE
     providers = _providers(use_gpu)
     gpu = providers[0] == CUDA
 
@@ -233,7 +232,7 @@ def to_fp16(
     progress(0.4, "converting to float16")
     model.convert_float_to_float16(keep_io_types=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    out_path = out_dir / MODEL_FILE
+    out_path = out_dir / ONNX_FILE
     model.save_model_to_file(str(out_path), use_external_data_format=False)
     check_contract(out_path, meta.num_labels)
 
@@ -270,8 +269,8 @@ def to_fp16(
     progress(0.8, "timing")
     one = encode(tokenizer, texts[:1], meta.max_length)
     timed_parent = parent if check_provider == CPU else ort_session(parent_path, providers)
-    parent_ms = median_latency_ms(lambda: timed_parent.run([OUTPUT_NAME], one))
-    child_ms = median_latency_ms(lambda: child.run([OUTPUT_NAME], one))
+    parent_ms = median_latency_ms(lambda: timed_parent.run([LOGITS], one))
+    child_ms = median_latency_ms(lambda: child.run([LOGITS], one))
 
     extra = dict(meta.extra)
     extra.update(fused_operators=fused, fp16_keep_io_types=True)

@@ -16,6 +16,8 @@ import numpy as np
 
 META_FILE = "textcls.json"
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# What encode() returns and every model (PyTorch or ONNX) takes, in this order.
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @dataclass

@@ -60,6 +60,17 @@ from pipeline.data import Dataset, TSVError, read_tsv
 from pipeline.metrics import classification_metrics
 from pipeline.modeling import architecture, load_model, save_model_folder
 from pipeline.preprocess import META_FILE, ModelMeta, encode, load_tokenizer
+from pipeline.train import (
+    EVAL_FRACTION,
+    PRETRAINED_LR,
+    fine_tune,
+    iter_batches,
+    predict_dataset,
+    resolve_device,
+    set_seed,
+    stratified_split,
+    to_torch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +84,10 @@ SEED_FFN_RATIO = 2048 / 3072
 IMPORTANCE_MAX_ROWS = 4096
 LATENCY_SENTENCES = 32
 LATENCY_WARMUP = 3
-EVAL_FRACTION = 0.1
 # Fine-tuning after pruning starts from trained weights: the usual pretrained
 # step, a little larger for models whose lineage is a from-scratch preset
 # (train uses 1e-3 from scratch; 2e-4 recovered as well as 1e-3 here).
 SCRATCH_LINEAGE_LR = 2e-4
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 # --------------------------------------------------------------------------
@@ -209,13 +218,7 @@ def _bert_layers(model: Any) -> list[Any]:
 def _batches(
     tokenizer: Any, data: Dataset, batch_size: int, max_length: int
 ) -> list[tuple[list[int], dict[str, np.ndarray]]]:
-    from pipeline.train import iter_batches
-
     return list(iter_batches(tokenizer, data, batch_size, max_length, shuffle=False))
-
-
-def _to_torch(enc: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(v).to(device) for k, v in enc.items() if k in MODEL_INPUTS}
 
 
 def importance_scores(
@@ -275,7 +278,7 @@ def importance_scores(
     try:
         batches = _batches(tokenizer, data, batch_size, max_length)
         for b, (idx, enc) in enumerate(batches):
-            logits = model(**_to_torch(enc, device)).logits
+            logits = model(**to_torch(enc, device)).logits
             loss = loss_fn(logits.float(), labels_all[idx].to(device)) / len(data)
             loss.backward()
             assert head_mask.grad is not None and ffn_mask.grad is not None
@@ -393,8 +396,6 @@ def _accuracy(
     device: torch.device,
     progress: ProgressFn,
 ) -> float:
-    from pipeline.train import predict_dataset
-
     logits = predict_dataset(
         model,
         tokenizer,
@@ -475,7 +476,6 @@ def load_pytorch_folder(model_dir: Path, step: str) -> ModelMeta:
 
 def default_learning_rate(meta: ModelMeta) -> float:
     """Fine-tuning step for a model: pretrained-style unless it descends from a scratch preset."""
-    from pipeline.train import PRETRAINED_LR
 
     base = str(meta.extra.get("base_model", ""))
     return SCRATCH_LINEAGE_LR if base.startswith("scratch:") else PRETRAINED_LR
@@ -514,7 +514,6 @@ def prune(
     accuracies are then measured on that held-out part (otherwise on the whole
     dataset), so before/after numbers are always on the same rows.
     """
-    from pipeline.train import fine_tune, resolve_device, set_seed, stratified_split
 
     start = time.perf_counter()
     meta = load_pytorch_folder(Path(model_dir), "prune")

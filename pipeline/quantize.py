@@ -40,8 +40,6 @@ import numpy as np
 
 from pipeline.common import ProgressFn, StepError, no_progress, run_cli_step
 from pipeline.export import (
-    MODEL_FILE,
-    OUTPUT_NAME,
     check_batches,
     check_contract,
     compare_logits,
@@ -55,6 +53,7 @@ from pipeline.export import (
     resolve_check_texts,
 )
 from pipeline.preprocess import ModelMeta, encode, load_tokenizer
+from pipeline.runtime import LOGITS, ONNX_FILE
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ def _fused_copy(onnx_dir: Path, tmp: Path) -> Path:
     from pipeline.optimize import fuse_bert
 
     config = json.loads((onnx_dir / "config.json").read_text())
-    model, _ = fuse_bert(onnx_dir / MODEL_FILE, config)
+    model, _ = fuse_bert(onnx_dir / ONNX_FILE, config)
     path = tmp / "fused.onnx"
     model.save_model_to_file(str(path), use_external_data_format=False)
     return path
@@ -132,9 +131,9 @@ def quantize_int8(
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     meta = require_format(onnx_dir, ["onnx"], "quantize")
     texts = resolve_check_texts(check_texts)
-    parent_path = onnx_dir / MODEL_FILE
+    parent_path = onnx_dir / ONNX_FILE
     out_dir.mkdir(parents=True, exist_ok=True)
-    out_path = out_dir / MODEL_FILE
+    out_path = out_dir / ONNX_FILE
 
     progress(0.0, "quantizing")
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -180,8 +179,8 @@ def quantize_int8(
 
     progress(0.8, "timing")
     one = encode(tokenizer, texts[:1], meta.max_length)
-    parent_ms = median_latency_ms(lambda: parent.run([OUTPUT_NAME], one))
-    child_ms = median_latency_ms(lambda: child.run([OUTPUT_NAME], one))
+    parent_ms = median_latency_ms(lambda: parent.run([LOGITS], one))
+    child_ms = median_latency_ms(lambda: child.run([LOGITS], one))
 
     source_graph = "fused" if fuse else "unfused"
     extra = dict(meta.extra)

@@ -29,7 +29,14 @@ from typing import Any
 import numpy as np
 
 from pipeline.common import StepError
-from pipeline.preprocess import META_FILE, ModelMeta, encode, load_tokenizer, token_lengths
+from pipeline.preprocess import (
+    META_FILE,
+    MODEL_INPUTS,
+    ModelMeta,
+    encode,
+    load_tokenizer,
+    token_lengths,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +44,6 @@ ONNX_FORMATS = ("onnx", "onnx-fp16", "onnx-int8")
 FORMATS = ("pytorch", *ONNX_FORMATS)
 ONNX_FILE = "model.onnx"
 LOGITS = "logits"
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # predict_logits splits long lists into length-sorted chunks of this size so a
 # call with thousands of texts neither pads them all to one length nor
 # allocates one giant batch.

@@ -15,7 +15,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from pipeline.modeling import (
 )
 from pipeline.preprocess import (
     META_FILE,
+    MODEL_INPUTS,
     ModelMeta,
     build_char_vocab,
     encode,
@@ -63,7 +64,6 @@ WARMUP_FRACTION = 0.1
 WEIGHT_DECAY = 0.01
 MAX_GRAD_NORM = 1.0
 EVAL_FRACTION = 0.1
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @dataclass
@@ -131,7 +131,8 @@ def iter_batches(
         yield idx, encode(tokenizer, [dataset.texts[i] for i in idx], max_length)
 
 
-def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+def to_torch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """An encoded batch's model inputs as tensors on ``device``."""
     return {
         k: torch.from_numpy(v).to(device, non_blocking=True)
         for k, v in batch.items()
@@ -146,8 +147,8 @@ def _autocast(device: torch.device) -> Any:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _optimizer(model: Any, learning_rate: float) -> torch.optim.Optimizer:
-    # The usual BERT recipe: no weight decay on biases and LayerNorm weights.
+def adamw(model: Any, learning_rate: float) -> torch.optim.Optimizer:
+    """AdamW, the usual BERT recipe: no weight decay on biases and LayerNorm weights."""
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
@@ -161,9 +162,8 @@ def _optimizer(model: Any, learning_rate: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=learning_rate)
 
 
-def _linear_schedule(
-    optimizer: torch.optim.Optimizer, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_linear_decay(total_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor per step: linear warm-up, then linear decay to 0."""
     warmup = max(1, int(total_steps * WARMUP_FRACTION))
 
     def factor(step: int) -> float:
@@ -171,7 +171,7 @@ def _linear_schedule(
             return (step + 1) / warmup
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
 
 
 def predict_dataset(
@@ -194,7 +194,7 @@ def predict_dataset(
             iter_batches(tokenizer, dataset, batch_size, max_length, shuffle=False)
         ):
             with _autocast(device):
-                logits = model(**_to_device(enc, device)).logits
+                logits = model(**to_torch(enc, device)).logits
             arr = logits.float().cpu().numpy()
             if out is None:
                 out = np.zeros((len(dataset), arr.shape[1]), dtype=np.float32)
@@ -218,7 +218,6 @@ def fine_tune(
     seed: int,
     device: torch.device | str | None,
     progress: ProgressFn = no_progress,
-    threads: int | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place; with ``eval``, keep the epoch with the best accuracy.
 
@@ -227,39 +226,8 @@ def fine_tune(
     called every few batches and may raise :class:`pipeline.common.JobCancelled`,
     which propagates. On return the model holds the best weights, sits on
     ``device`` and is in eval mode. Returns the metrics (history, best epoch,
-    best eval accuracy / macro-F1, rows, seconds, device). ``threads`` caps
-    torch's CPU threads for the duration (see :func:`torch_threads`).
+    best eval accuracy / macro-F1, rows, seconds, device).
     """
-    with torch_threads(threads):
-        return _fine_tune(
-            model,
-            tokenizer,
-            train,
-            eval,
-            epochs=epochs,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            max_length=max_length,
-            seed=seed,
-            device=device,
-            progress=progress,
-        )
-
-
-def _fine_tune(
-    model: Any,
-    tokenizer: Any,
-    train: Dataset,
-    eval: Dataset | None,
-    *,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    max_length: int,
-    seed: int,
-    device: torch.device | str | None,
-    progress: ProgressFn,
-) -> dict[str, Any]:
     if epochs < 1 or batch_size < 1 or learning_rate <= 0 or max_length < 2:
         raise StepError(
             "epochs and batch_size must be >= 1, learning_rate > 0, max_length >= 2 "
@@ -275,11 +243,11 @@ def _fine_tune(
 
     set_seed(seed)
     model.to(dev)
-    optimizer = _optimizer(model, learning_rate)
+    optimizer = adamw(model, learning_rate)
     lengths = token_lengths(tokenizer, train.texts, max_length)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total_steps = steps_per_epoch * epochs
-    scheduler = _linear_schedule(optimizer, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(total_steps))
     eval_batches = math.ceil(len(eval) / batch_size) if eval else 0
     # Progress counts evaluation batches as work too, so the bar does not stall.
     total_work = total_steps + eval_batches * epochs
@@ -306,7 +274,7 @@ def _fine_tune(
             lengths=lengths,
         )
         for idx, enc in batches:
-            inputs = _to_device(enc, dev)
+            inputs = to_torch(enc, dev)
             target = labels_all[idx].to(dev, non_blocking=True)
             with _autocast(dev):
                 logits = model(**inputs).logits
@@ -554,20 +522,20 @@ def train(
     set_seed(seed)  # the scratch model's initial weights depend on it
     model, tokenizer, scratch = load_base_model(base_model, num_labels, max_length, train_set.texts)
     lr = learning_rate if learning_rate is not None else (SCRATCH_LR if scratch else PRETRAINED_LR)
-    metrics = fine_tune(
-        model,
-        tokenizer,
-        train_set,
-        eval_set,
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=lr,
-        max_length=max_length,
-        seed=seed,
-        device=dev,
-        progress=progress,
-        threads=threads,
-    )
+    with torch_threads(threads):
+        metrics = fine_tune(
+            model,
+            tokenizer,
+            train_set,
+            eval_set,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=lr,
+            max_length=max_length,
+            seed=seed,
+            device=dev,
+            progress=progress,
+        )
     arch = architecture(model)
     meta = ModelMeta(
         format="pytorch",

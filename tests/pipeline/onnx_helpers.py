@@ -10,8 +10,9 @@ import numpy as np
 
 from pipeline.corpus import Splits
 from pipeline.data import read_tsv
-from pipeline.export import INPUT_NAMES, MODEL_FILE, export_module
-from pipeline.preprocess import ModelMeta, encode, load_tokenizer
+from pipeline.export import export_module
+from pipeline.preprocess import MODEL_INPUTS, ModelMeta, encode, load_tokenizer
+from pipeline.runtime import ONNX_FILE
 
 
 def real_sentences(splits: Splits, n: int = 200) -> list[str]:
@@ -83,7 +84,7 @@ def pruned_onnx_folder(
         layer.attention.output.dense = nn.Linear(heads * head_size, hidden)
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    export_module(model, tok, out_dir / MODEL_FILE, max_length=64, opset=17)
+    export_module(model, tok, out_dir / ONNX_FILE, max_length=64, opset=17)
     model.config.save_pretrained(str(out_dir))
     tok.save_pretrained(str(out_dir))
     ModelMeta("onnx", max_length=64, num_labels=2).save(out_dir)
@@ -91,7 +92,7 @@ def pruned_onnx_folder(
 
 
 __all__ = [
-    "INPUT_NAMES",
+    "MODEL_INPUTS",
     "io_signature",
     "ort_logits",
     "pruned_onnx_folder",

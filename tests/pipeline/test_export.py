@@ -12,9 +12,10 @@ import torch
 
 from pipeline.common import StepError
 from pipeline.corpus import Splits
-from pipeline.export import MODEL_FILE, export_onnx, main
+from pipeline.export import export_onnx, main
 from pipeline.modeling import load_model
 from pipeline.preprocess import META_FILE, ModelMeta, encode, load_tokenizer
+from pipeline.runtime import ONNX_FILE
 from tests.pipeline.onnx_helpers import io_signature, ort_logits, real_sentences
 
 INT64, FLOAT = onnx.TensorProto.INT64, onnx.TensorProto.FLOAT
@@ -37,7 +38,7 @@ def trained_export(
 
 
 def test_contract_names_types_and_dynamic_axes(random_onnx: Path) -> None:
-    sig = io_signature(random_onnx / MODEL_FILE)
+    sig = io_signature(random_onnx / ONNX_FILE)
     assert sig == {
         "input_ids": (INT64, ["batch", "sequence"]),
         "attention_mask": (INT64, ["batch", "sequence"]),
@@ -84,7 +85,7 @@ def test_ort_matches_pytorch_on_real_sentences(
     feed = encode(tok, texts, 64, pad_to=pad_to)
     with torch.inference_mode():
         ref = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
-    got = ort_logits(out / MODEL_FILE, tok, texts, 64, pad_to=pad_to)
+    got = ort_logits(out / ONNX_FILE, tok, texts, 64, pad_to=pad_to)
     assert got.shape == (batch, 2)
     np.testing.assert_allclose(got, ref, atol=1e-4)
     assert (got.argmax(-1) == ref.argmax(-1)).all()

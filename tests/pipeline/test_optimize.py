@@ -12,9 +12,10 @@ import pytest
 
 from pipeline.common import StepError
 from pipeline.corpus import Splits
-from pipeline.export import MODEL_FILE, export_onnx
+from pipeline.export import export_onnx
 from pipeline.optimize import OptimizeResult, main, to_fp16
 from pipeline.preprocess import ModelMeta, load_tokenizer
+from pipeline.runtime import ONNX_FILE
 from tests.pipeline.onnx_helpers import (
     io_signature,
     ort_logits,
@@ -46,7 +47,7 @@ def test_fusion_counts_recorded(random_fp16: OptimizeResult) -> None:
     assert fused["EmbedLayerNormalization"] == 1
     assert fused["SkipLayerNormalization"] == 8
     assert fused["BiasGelu"] == 4
-    ops = Counter(n.op_type for n in onnx.load(str(random_fp16.model_dir / MODEL_FILE)).graph.node)
+    ops = Counter(n.op_type for n in onnx.load(str(random_fp16.model_dir / ONNX_FILE)).graph.node)
     assert ops["Attention"] == 4 and ops["EmbedLayerNormalization"] == 1
     assert random_fp16.metrics["attention_num_heads"] == 6
     assert random_fp16.metrics["attention_hidden_size"] == 96
@@ -54,7 +55,7 @@ def test_fusion_counts_recorded(random_fp16: OptimizeResult) -> None:
 
 
 def test_runs_on_cpu_with_contract_io(random_fp16: OptimizeResult, random_model_dir: Path) -> None:
-    path = random_fp16.model_dir / MODEL_FILE
+    path = random_fp16.model_dir / ONNX_FILE
     assert io_signature(path) == {
         "input_ids": (INT64, ["batch", "sequence"]),
         "attention_mask": (INT64, ["batch", "sequence"]),
@@ -89,8 +90,8 @@ def test_labels_agree_with_parent_on_real_sentences(
     assert result.metrics["max_abs_logit_diff"] < 0.01
     # Independently of the step's own check: one padded batch of 32.
     tok = load_tokenizer(parent)
-    ref = ort_logits(parent / MODEL_FILE, tok, texts[:32], 64)
-    got = ort_logits(result.model_dir / MODEL_FILE, tok, texts[:32], 64)
+    ref = ort_logits(parent / ONNX_FILE, tok, texts[:32], 64)
+    got = ort_logits(result.model_dir / ONNX_FILE, tok, texts[:32], 64)
     assert (ref.argmax(-1) == got.argmax(-1)).all()
     np.testing.assert_allclose(got, ref, atol=0.01)
 
@@ -123,8 +124,8 @@ def test_pruned_heads_read_from_graph(
         assert result.metrics["attention_hidden_size"] == 64
     tok = load_tokenizer(parent)
     texts = ["这个东西很好用，质量不错", "差评", "物流很快，包装也很严实"]
-    ref = ort_logits(parent / MODEL_FILE, tok, texts, 64)
-    got = ort_logits(result.model_dir / MODEL_FILE, tok, texts, 64)
+    ref = ort_logits(parent / ONNX_FILE, tok, texts, 64)
+    got = ort_logits(result.model_dir / ONNX_FILE, tok, texts, 64)
     np.testing.assert_allclose(got, ref, atol=2e-3)
 
 

@@ -11,9 +11,10 @@ import pytest
 from pipeline.common import StepError
 from pipeline.corpus import Splits
 from pipeline.data import read_tsv
-from pipeline.export import MODEL_FILE, export_onnx
+from pipeline.export import export_onnx
 from pipeline.preprocess import ModelMeta, load_tokenizer
 from pipeline.quantize import QuantizeResult, main, quantize_int8
+from pipeline.runtime import ONNX_FILE
 from tests.pipeline.onnx_helpers import io_signature, ort_logits, relabel
 
 INT64, FLOAT = onnx.TensorProto.INT64, onnx.TensorProto.FLOAT
@@ -33,8 +34,8 @@ def random_int8(random_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def test_size_at_most_a_third_of_parent(random_onnx: Path, random_int8: QuantizeResult) -> None:
-    parent = (random_onnx / MODEL_FILE).stat().st_size
-    child = (random_int8.model_dir / MODEL_FILE).stat().st_size
+    parent = (random_onnx / ONNX_FILE).stat().st_size
+    child = (random_int8.model_dir / ONNX_FILE).stat().st_size
     assert child <= parent / 3
     m = random_int8.metrics
     assert (m["size_bytes_before"], m["size_bytes_after"]) == (parent, child)
@@ -47,7 +48,7 @@ def test_size_at_most_a_third_of_parent(random_onnx: Path, random_int8: Quantize
 
 
 def test_contract_and_meta(random_int8: QuantizeResult) -> None:
-    assert io_signature(random_int8.model_dir / MODEL_FILE) == {
+    assert io_signature(random_int8.model_dir / ONNX_FILE) == {
         "input_ids": (INT64, ["batch", "sequence"]),
         "attention_mask": (INT64, ["batch", "sequence"]),
         "token_type_ids": (INT64, ["batch", "sequence"]),
@@ -56,7 +57,7 @@ def test_contract_and_meta(random_int8: QuantizeResult) -> None:
     meta = ModelMeta.load(random_int8.model_dir)
     assert (meta.format, meta.max_length, meta.num_labels) == ("onnx-int8", 64, 2)
     tok = load_tokenizer(random_int8.model_dir)
-    logits = ort_logits(random_int8.model_dir / MODEL_FILE, tok, ["好", "这个东西很好用"], 64)
+    logits = ort_logits(random_int8.model_dir / ONNX_FILE, tok, ["好", "这个东西很好用"], 64)
     assert logits.dtype == np.float32 and logits.shape == (2, 2)
 
 
@@ -76,11 +77,11 @@ def test_agrees_with_parent_on_real_sentences(
     # Accuracy on the labels themselves stays within a point of the parent's.
     tok = load_tokenizer(parent)
     ref = np.concatenate(
-        [ort_logits(parent / MODEL_FILE, tok, texts[i : i + 50], 64) for i in range(0, 400, 50)]
+        [ort_logits(parent / ONNX_FILE, tok, texts[i : i + 50], 64) for i in range(0, 400, 50)]
     )
     got = np.concatenate(
         [
-            ort_logits(result.model_dir / MODEL_FILE, tok, texts[i : i + 50], 64)
+            ort_logits(result.model_dir / ONNX_FILE, tok, texts[i : i + 50], 64)
             for i in range(0, 400, 50)
         ]
     )
@@ -106,9 +107,9 @@ def test_fused_graph_and_per_channel_options(random_onnx: Path, tmp_path: Path) 
     assert pc.metrics["size_ratio"] <= 1 / 3
     tok = load_tokenizer(random_onnx)
     texts = ["这个东西很好用，质量不错", "差评", "物流很快，包装也很严实，下次还会再来"]
-    ref = ort_logits(random_onnx / MODEL_FILE, tok, texts, 64)
+    ref = ort_logits(random_onnx / ONNX_FILE, tok, texts, 64)
     for result in (fused, pc):
-        got = ort_logits(result.model_dir / MODEL_FILE, tok, texts, 64)
+        got = ort_logits(result.model_dir / ONNX_FILE, tok, texts, 64)
         assert got.shape == ref.shape and np.isfinite(got).all()
 
 
