@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import secrets
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Header, HTTPException, Path, Query, status
-from sqlmodel import Session
+from sqlmodel import Session, col
+from sqlmodel.sql.expression import SelectOfScalar
 
 from textcls.db import get_db
 from textcls.settings import Settings, get_settings
@@ -23,6 +24,26 @@ Offset = Annotated[int, Query(ge=0, le=MAX_ID)]
 # A name filter (job kind, model format): word characters only, so control
 # characters (PostgreSQL refuses NUL in text) never reach the database.
 NameFilter = Annotated[str | None, Query(max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
+# Lists return at most this many rows; a larger ?limit= is clamped, not refused.
+MAX_PAGE = 1000
+
+Row = TypeVar("Row")
+
+
+def newest_first(
+    stmt: SelectOfScalar[Row], id_column: Any, limit: int, offset: int
+) -> SelectOfScalar[Row]:
+    """One page of a list query, newest (highest id) first."""
+    stmt = stmt.order_by(col(id_column).desc())
+    return stmt.offset(max(0, offset)).limit(max(1, min(limit, MAX_PAGE)))
+
+
+def get_or_404(session: Session, table: type[Row], row_id: int, what: str) -> Row:
+    """The row with ``row_id``, or a 404 that names what was not found."""
+    row = session.get(table, row_id)
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"{what} {row_id} not found")
+    return row
 
 
 def _presented_key(x_api_key: str | None, authorization: str | None) -> str | None:

@@ -8,9 +8,17 @@ import re
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile, status
-from sqlmodel import col, select
+from sqlmodel import select
 
-from api.deps import Offset, PathId, SessionDep, SettingsDep, WriteAccess
+from api.deps import (
+    Offset,
+    PathId,
+    SessionDep,
+    SettingsDep,
+    WriteAccess,
+    get_or_404,
+    newest_first,
+)
 from pipeline.data import TSVError, parse_tsv
 from textcls.models import Dataset, DatasetPublic
 from textcls.store import ArtifactStore
@@ -92,14 +100,9 @@ async def upload_dataset(
 
 @router.get("", response_model=list[DatasetPublic])
 def list_datasets(session: SessionDep, limit: int = 100, offset: Offset = 0) -> list[Dataset]:
-    limit = max(1, min(limit, 1000))
-    stmt = select(Dataset).order_by(col(Dataset.id).desc()).offset(max(0, offset)).limit(limit)
-    return list(session.exec(stmt))
+    return list(session.exec(newest_first(select(Dataset), Dataset.id, limit, offset)))
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)
 def get_dataset(session: SessionDep, dataset_id: PathId) -> Dataset:
-    row = session.get(Dataset, dataset_id)
-    if row is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"dataset {dataset_id} not found")
-    return row
+    return get_or_404(session, Dataset, dataset_id, "dataset")

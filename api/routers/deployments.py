@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 
 from fastapi import APIRouter, HTTPException, Response, status
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
-from api.deps import Offset, PathId, SessionDep, WriteAccess
+from api.deps import Offset, PathId, SessionDep, WriteAccess, newest_first
 from api.routers.models import get_model_or_404
 from pipeline.preprocess import META_FILE
 from textcls.deployments import (
@@ -139,12 +139,7 @@ def list_deployments(
     """Promotions and rollbacks, newest first."""
     current = current_deployment(session)
     current_id = current.id if current else None
-    stmt = (
-        select(Deployment)
-        .order_by(col(Deployment.id).desc())
-        .offset(max(0, offset))
-        .limit(max(1, min(limit, 1000)))
-    )
+    stmt = newest_first(select(Deployment), Deployment.id, limit, offset)
     return [_view(session, d, current_id) for d in session.exec(stmt)]
 
 

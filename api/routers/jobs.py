@@ -11,7 +11,16 @@ from fastapi.responses import HTMLResponse
 from pydantic import ValidationError
 from sqlmodel import Session, col, select
 
-from api.deps import FilterId, NameFilter, Offset, PathId, SessionDep, WriteAccess
+from api.deps import (
+    FilterId,
+    NameFilter,
+    Offset,
+    PathId,
+    SessionDep,
+    WriteAccess,
+    get_or_404,
+    newest_first,
+)
 from textcls.jobs import DATASET_FIELDS, KIND_PARAMS, MODEL_FIELDS, parse_params, queue_for
 from textcls.models import (
     FINAL_STATUSES,
@@ -134,17 +143,12 @@ def list_jobs(
         stmt = stmt.where(Job.kind == kind)
     if parent_id is not None:
         stmt = stmt.where(Job.parent_id == parent_id)
-    limit = max(1, min(limit, 1000))
-    stmt = stmt.order_by(col(Job.id).desc()).offset(max(0, offset)).limit(limit)
-    return list(session.exec(stmt))
+    return list(session.exec(newest_first(stmt, Job.id, limit, offset)))
 
 
 @router.get("/{job_id}", response_model=JobPublic)
 def get_job(session: SessionDep, job_id: PathId) -> Job:
-    job = session.get(Job, job_id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
-    return job
+    return get_or_404(session, Job, job_id, "job")
 
 
 def cancel_job_tree(session: Session, job: Job) -> None:

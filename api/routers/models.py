@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter
 from sqlmodel import Session, col, select
 
-from api.deps import FilterId, NameFilter, Offset, PathId, SessionDep
+from api.deps import FilterId, NameFilter, Offset, PathId, SessionDep, get_or_404, newest_first
 from textcls.models import Evaluation, EvaluationPublic, Model, ModelPublic
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -19,10 +19,7 @@ def to_public(session: Session, model: Model) -> ModelPublic:
 
 
 def get_model_or_404(session: Session, model_id: int) -> Model:
-    model = session.get(Model, model_id)
-    if model is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"model {model_id} not found")
-    return model
+    return get_or_404(session, Model, model_id, "model")
 
 
 @router.get("", response_model=list[ModelPublic])
@@ -41,9 +38,9 @@ def list_models(
         stmt = stmt.where(Model.parent_id == parent_id)
     if job_id is not None:
         stmt = stmt.where(Model.job_id == job_id)
-    limit = max(1, min(limit, 1000))
-    stmt = stmt.order_by(col(Model.id).desc()).offset(max(0, offset)).limit(limit)
-    return [to_public(session, m) for m in session.exec(stmt)]
+    return [
+        to_public(session, m) for m in session.exec(newest_first(stmt, Model.id, limit, offset))
+    ]
 
 
 @router.get("/{model_id}", response_model=ModelPublic)
