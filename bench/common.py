@@ -12,7 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -281,6 +281,32 @@ def write_result(result: dict[str, Any], json_path: Path | None) -> None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(text + "\n", encoding="utf-8")
         log.info("wrote %s", json_path)
+
+
+Table = tuple[str, Sequence[str], Sequence[Sequence[Any]]]
+
+
+def report(
+    result: dict[str, Any],
+    make_tables: Callable[[dict[str, Any]], Sequence[Table]],
+    *,
+    json_path: Path | None,
+    markdown_path: Path | None,
+) -> None:
+    """Print a benchmark's tables, optionally as Markdown too, and write its JSON.
+
+    The tables are built from the JSON round trip of ``result`` (keys become
+    strings), so what is printed is exactly what is written.
+    """
+    result = json.loads(json.dumps(result, default=str))
+    tabs = make_tables(result)
+    for title, cols, rows in tabs:
+        print_table(title, cols, rows)
+    if markdown_path:
+        markdown_path.write_text(
+            "\n\n".join(f"**{t}**\n\n{markdown_table(c, r)}" for t, c, r in tabs) + "\n"
+        )
+    write_result(result, json_path)
 
 
 def _json_default(value: Any) -> Any:

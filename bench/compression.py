@@ -50,13 +50,11 @@ from bench.common import (
     cpu_info,
     environment,
     latency_summary,
-    markdown_table,
     median,
-    print_table,
+    report,
     rotated,
     setup_logging,
     spread,
-    write_result,
 )
 
 log = logging.getLogger(__name__)
@@ -618,15 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             threads=threads,
         )
     result["seconds"] = round(time.perf_counter() - started, 1)
-    result = json.loads(json.dumps(result, default=str))
-    tabs = tables(result)
-    for title, cols, rows in tabs:
-        print_table(title, cols, rows)
-    if args.markdown:
-        args.markdown.write_text(
-            "\n\n".join(f"**{t}**\n\n{markdown_table(c, r)}" for t, c, r in tabs) + "\n"
-        )
-    write_result(result, args.json)
+    report(result, tables, json_path=args.json, markdown_path=args.markdown)
     return 0
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 import time
@@ -41,13 +40,11 @@ from bench.common import (
     DEFAULT_WORKDIR,
     environment,
     latency_summary,
-    markdown_table,
     median,
     percentile,
-    print_table,
+    report,
     setup_logging,
     tree_cpu_seconds,
-    write_result,
 )
 from bench.loadgen import open_loop
 from bench.stackutil import BenchStack, bench_stack, database, wait_healthy
@@ -487,15 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack.group.stop(worker)
             result["burst"] = burst(stack, http, params, n_burst, concurrency=8)
     result["seconds"] = round(time.perf_counter() - started, 1)
-    result = json.loads(json.dumps(result, default=str))
-    tabs = tables(result)
-    for title, cols, rows in tabs:
-        print_table(title, cols, rows)
-    if args.markdown:
-        args.markdown.write_text(
-            "\n\n".join(f"**{t}**\n\n{markdown_table(c, r)}" for t, c, r in tabs) + "\n"
-        )
-    write_result(result, args.json)
+    report(result, tables, json_path=args.json, markdown_path=args.markdown)
     return 0
 
 

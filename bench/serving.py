@@ -33,7 +33,6 @@ bare in-process ``predict_logits`` of the same sentences with the same model
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -46,14 +45,12 @@ import numpy as np
 from bench.chain import PRESETS, Chain, add_chain_arguments, build_chain
 from bench.common import (
     environment,
-    markdown_table,
     median,
-    print_table,
+    report,
     rotated,
     setup_logging,
     spread,
     tree_cpu_seconds,
-    write_result,
 )
 from bench.loadgen import KeepAliveClient, closed_loop, predict_bodies, sequential
 from bench.stackutil import bench_stack, prometheus_values, wait_healthy, wait_ready
@@ -589,16 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     result["targets"] = targets(result)
     result["seconds"] = round(time.perf_counter() - started, 1)
-    # JSON keys are strings; keep the in-memory and written shapes the same.
-    result = json.loads(json.dumps(result, default=str))
-    tabs = tables(result)
-    for title, cols, rows in tabs:
-        print_table(title, cols, rows)
-    if args.markdown:
-        args.markdown.write_text(
-            "\n\n".join(f"**{t}**\n\n{markdown_table(c, r)}" for t, c, r in tabs) + "\n"
-        )
-    write_result(result, args.json)
+    report(result, tables, json_path=args.json, markdown_path=args.markdown)
     return 0
 
 
