@@ -94,64 +94,24 @@ class BenchStack:
         from sqlmodel import Session
 
         from textcls.db import engine_for
-        from textcls.models import Model
-        from textcls.store import ArtifactStore, dir_size
-
-        store = ArtifactStore(self.artifact_dir)
-        with Session(engine_for(self.database_url)) as session:
-            row = Model(
-                name=name,
-                format=fmt,
-                size_bytes=dir_size(folder),
-                num_labels=num_labels,
-                parent_id=parent_id,
-                path="pending",
-            )
-            session.add(row)
-            session.flush()
-            assert row.id is not None
-            row.path = store.model_relpath(row.id)
-            session.commit()
-            model_id = int(row.id)
-        with store.staging() as tmp:
-            shutil.copytree(folder, tmp / "m")
-            store.commit(tmp / "m", store.model_relpath(model_id))
-        return model_id
-
-    def register_dataset(self, path: Path, name: str) -> int:
-        """Copy a TSV into the store and add its ``datasets`` row (as an upload would)."""
-        import hashlib
-
-        from sqlmodel import Session
-
-        from pipeline.data import read_tsv
-        from textcls.db import engine_for
-        from textcls.models import Dataset
+        from textcls.records import add_model
         from textcls.store import ArtifactStore
 
-        data = read_tsv(path)
-        raw = path.read_bytes()
         store = ArtifactStore(self.artifact_dir)
-        with Session(engine_for(self.database_url)) as session:
-            row = Dataset(
+        with store.staging() as tmp, Session(engine_for(self.database_url)) as session:
+            shutil.copytree(folder, tmp / "m")
+            row = add_model(
+                session,
+                store,
+                tmp / "m",
                 name=name,
-                rows=len(data),
-                num_labels=data.num_labels,
-                label_counts=data.label_counts(),
-                sha256=hashlib.sha256(raw).hexdigest(),
-                size_bytes=len(raw),
-                path="pending",
+                format=fmt,
+                num_labels=num_labels,
+                parent_id=parent_id,
             )
-            session.add(row)
-            session.flush()
-            assert row.id is not None
-            row.path = store.dataset_relpath(row.id)
             session.commit()
-            dataset_id = int(row.id)
-        dest = store.resolve(store.dataset_relpath(dataset_id))
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dest)
-        return dataset_id
+            assert row.id is not None
+            return row.id
 
     def deploy(self, model_id: int) -> int:
         """Make ``model_id`` the served model (a ``deployments`` row, as promote writes)."""

@@ -27,8 +27,9 @@ from pipeline.runtime import torch_threads
 from textcls.db import session_scope
 from textcls.jobs import JobParams, parse_params
 from textcls.models import Dataset, Job, JobStatus, Model, utcnow
+from textcls.records import add_model
 from textcls.settings import get_settings
-from textcls.store import ArtifactStore, dir_size
+from textcls.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -274,21 +275,17 @@ def _register(ctx: JobContext, job_id: int, attempt: int, outcome: Outcome) -> b
         model: Model | None = None
         if outcome.model is not None:
             nm = outcome.model
-            model = Model(
-                name=nm.name[:200],
+            model = add_model(
+                s,
+                store,
+                nm.folder,
+                name=nm.name,
                 format=nm.format,
+                num_labels=nm.num_labels,
                 parent_id=nm.parent_id,
                 job_id=job_id,
-                size_bytes=dir_size(nm.folder),
-                num_labels=nm.num_labels,
                 info=nm.info,
-                path="",
             )
-            s.add(model)
-            s.flush()
-            assert model.id is not None
-            model.path = store.model_relpath(model.id)
-            store.commit(nm.folder, model.path)
         if outcome.on_success is not None:
             outcome.on_success(s, job, model)
         now = utcnow()

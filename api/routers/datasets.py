@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from typing import Annotated
@@ -21,6 +20,7 @@ from api.deps import (
 )
 from pipeline.data import TSVError, parse_tsv
 from textcls.models import Dataset, DatasetPublic
+from textcls.records import add_dataset
 from textcls.store import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -69,25 +69,8 @@ async def upload_dataset(
             detail="name must be 1-200 letters, digits, spaces or . _ - ( )",
         )
     store = ArtifactStore(settings.resolved_artifact_dir())
-    row = Dataset(
-        name=display,
-        rows=len(parsed),
-        num_labels=parsed.num_labels,
-        label_counts=parsed.label_counts(),
-        sha256=hashlib.sha256(data).hexdigest(),
-        size_bytes=len(data),
-        path="",
-    )
-    # The row and the file appear together or not at all: the id comes from a
-    # flush inside the transaction, the file is moved into place, then commit.
-    session.add(row)
-    session.flush()
-    assert row.id is not None
-    row.path = store.dataset_relpath(row.id)
-    with store.staging() as tmp:
-        staged = tmp / "data.tsv"
-        staged.write_bytes(data)
-        store.commit(staged, row.path)
+    # The row and the file appear together or not at all.
+    row = add_dataset(session, store, data, parsed, display)
     try:
         session.commit()
     except Exception:

@@ -65,29 +65,19 @@ def register_model(
     from sqlmodel import Session
 
     from textcls.db import engine_for
-    from textcls.models import Model
-    from textcls.store import ArtifactStore, dir_size
+    from textcls.records import add_model
+    from textcls.store import ArtifactStore
 
     store = ArtifactStore(stack.root / "artifacts")
-    with Session(engine_for(stack.database_url)) as session:
-        row = Model(
-            name=name,
-            format=fmt,
-            size_bytes=dir_size(folder) if folder else 0,
-            num_labels=num_labels,
-            path="pending",
-        )
-        session.add(row)
-        session.flush()
-        assert row.id is not None
-        row.path = store.model_relpath(row.id)
+    with store.staging() as tmp, Session(engine_for(stack.database_url)) as session:
+        staged = None
+        if folder is not None:
+            staged = tmp / "m"
+            shutil.copytree(folder, staged)
+        row = add_model(session, store, staged, name=name, format=fmt, num_labels=num_labels)
         session.commit()
-        model_id = row.id
-    if folder is not None:
-        with store.staging() as tmp:
-            shutil.copytree(folder, tmp / "m")
-            store.commit(tmp / "m", store.model_relpath(model_id))
-    return model_id
+        assert row.id is not None
+        return row.id
 
 
 def wait_serving(url: str, model_id: int, timeout: float = 90.0) -> dict[str, Any]:
