@@ -209,9 +209,9 @@ class DynamicBatcher:
             while not self._pending:
                 self._arrived.clear()
                 await self._arrived.wait()
-            # Wait for a full batch (adaptive: as many texts as last time; none
-            # after a lone text), but never keep the oldest chunk waiting longer
-            # than max_wait_s (time spent behind a model call counts).
+            # Wait for a full batch (adaptive: for the estimated demand, and not
+            # at all when it is one), but never keep the oldest chunk waiting
+            # longer than max_wait_s (time spent behind a model call counts).
             wait, target = self.max_wait_s, self.max_batch_size
             if self.adaptive_wait:
                 wait = wait if self._demand > 1 else 0.0

@@ -31,7 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from deploy.batcher import BatcherClosed, DynamicBatcher
+from deploy.batcher import BatcherClosed, DynamicBatcher, char_length
 from deploy.metrics import InferenceMetrics
 from deploy.registry import LoadedModel, LoaderFn, ModelRegistry, TargetFn, default_loader
 from textcls import __version__
@@ -168,8 +168,8 @@ def _run_model(model: LoadedModel, texts: list[str]) -> tuple[Any, Any]:
 
 
 def _text_cost(model: LoadedModel, text: str) -> int:
-    # Characters approximate tokens for Chinese vocabularies; truncation caps them.
-    return min(len(text) + 2, int(getattr(model.predictor, "max_length", 512)))
+    # The batcher's character estimate, capped where the tokenizer truncates.
+    return min(char_length(model, text), int(getattr(model.predictor, "max_length", 512)))
 
 
 def create_app(
