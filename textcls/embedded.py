@@ -195,20 +195,15 @@ def python() -> str:
     return sys.executable
 
 
-def api_command(host: str, port: int) -> list[str]:
+def _uvicorn_command(factory: str, host: str, port: int) -> list[str]:
     return [
-        python(),
-        "-m",
-        "uvicorn",
-        "--factory",
-        "api.main:app_factory",
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
+        *(python(), "-m", "uvicorn", "--factory", factory),
+        *("--host", host, "--port", str(port), "--log-level", "warning"),
     ]
+
+
+def api_command(host: str, port: int) -> list[str]:
+    return _uvicorn_command("api.main:app_factory", host, port)
 
 
 def worker_command(
@@ -235,19 +230,7 @@ def worker_command(
 
 
 def inference_command(host: str, port: int) -> list[str]:
-    return [
-        python(),
-        "-m",
-        "uvicorn",
-        "--factory",
-        "deploy.inference:app_factory",
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
+    return _uvicorn_command("deploy.inference:app_factory", host, port)
 
 
 @contextlib.contextmanager

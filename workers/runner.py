@@ -202,28 +202,37 @@ def handler(kind: str) -> Callable[[Handler], Handler]:
     return register
 
 
-def claim(job_id: int, attempt: int, worker: str) -> Job | None:
-    """Move a queued job to running for this attempt; None if it is not ours to run."""
-    now = utcnow()
+def _transition(job_id: int, attempt: int, current: JobStatus, **values: Any) -> bool:
+    """Update the job only if it is still at ``attempt`` in ``current``: the fencing
+    that keeps a redelivered message or a stale worker from touching a job it lost."""
     with session_scope() as s:
         res = s.exec(
             update(Job)
             .where(col(Job.id) == job_id)
             .where(col(Job.attempt) == attempt)
-            .where(col(Job.status) == JobStatus.queued)
-            .values(
-                status=JobStatus.running,
-                started_at=now,
-                heartbeat_at=now,
-                updated_at=now,
-                worker=worker[:200],
-                progress=0.0,
-                stage="starting",
-            )
+            .where(col(Job.status) == current)
+            .values(updated_at=utcnow(), **values)
         )
         s.commit()
-        if res.rowcount == 0:
-            return None
+        return bool(res.rowcount)
+
+
+def claim(job_id: int, attempt: int, worker: str) -> Job | None:
+    """Move a queued job to running for this attempt; None if it is not ours to run."""
+    now = utcnow()
+    claimed = _transition(
+        job_id,
+        attempt,
+        JobStatus.queued,
+        status=JobStatus.running,
+        started_at=now,
+        heartbeat_at=now,
+        worker=worker[:200],
+        progress=0.0,
+        stage="starting",
+    )
+    if not claimed:
+        return None
     # The job is ours now: reading it back must outlast a database blip, or it
     # would sit "running" with nobody on it until the reaper requeues it.
     return retry_db(lambda: _read_job(job_id), f"job {job_id}")
@@ -239,17 +248,9 @@ def _read_job(job_id: int) -> Job | None:
 
 def finish(job_id: int, attempt: int, status: JobStatus, **values: Any) -> bool:
     """Set a final status if this attempt still owns the running job."""
-    now = utcnow()
-    with session_scope() as s:
-        res = s.exec(
-            update(Job)
-            .where(col(Job.id) == job_id)
-            .where(col(Job.attempt) == attempt)
-            .where(col(Job.status) == JobStatus.running)
-            .values(status=status, finished_at=now, updated_at=now, **values)
-        )
-        s.commit()
-        return bool(res.rowcount)
+    return _transition(
+        job_id, attempt, JobStatus.running, status=status, finished_at=utcnow(), **values
+    )
 
 
 def _register(ctx: JobContext, job_id: int, attempt: int, outcome: Outcome) -> bool:
