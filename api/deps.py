@@ -10,14 +10,12 @@ from sqlmodel import Session, col
 from sqlmodel.sql.expression import SelectOfScalar
 
 from textcls.db import get_db
+from textcls.models import MAX_ID
 from textcls.settings import Settings, get_settings
 
 SessionDep = Annotated[Session, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
-# Ids (and offsets) fit the schema's 32-bit INTEGER columns: a larger number
-# names nothing, and the databases would fail on it (a 500) instead of a 404.
-MAX_ID = 2**31 - 1
 PathId = Annotated[int, Path(ge=1, le=MAX_ID)]
 FilterId = Annotated[int | None, Query(ge=1, le=MAX_ID)]
 Offset = Annotated[int, Query(ge=0, le=MAX_ID)]

@@ -13,16 +13,16 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from api.limits import BodyLimitMiddleware
-from api.routers import datasets, jobs, models
-from textcls import __version__
+from api.routers import datasets, deployments, jobs, models
+from textcls import __version__, lifecycle
 from textcls.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 
 class Reaper:
-    """Background thread: requeues or fails jobs whose worker went silent, and
-    sends again the messages of queued jobs that the broker lost."""
+    """Background thread running the lifecycle's sweeps: requeue or fail jobs whose
+    worker went silent, and send again the messages of queued jobs the broker lost."""
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
@@ -37,15 +37,13 @@ class Reaper:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        from workers.reaper import reap_stale_jobs, requeue_lost_messages
-
         # Looking for lost messages reads the broker's queues: not every sweep.
         lost_every = max(self.interval, get_settings().requeue_lost_after / 2)
         next_lost = time.monotonic() + lost_every
         while not self._stop.wait(self.interval):
-            sweeps: list[Callable[[], object]] = [reap_stale_jobs]
+            sweeps: list[Callable[[], object]] = [lifecycle.requeue_stale_jobs]
             if time.monotonic() >= next_lost:
-                sweeps.append(requeue_lost_messages)
+                sweeps.append(lifecycle.resend_lost_messages)
                 next_lost = time.monotonic() + lost_every
             for sweep in sweeps:
                 try:
@@ -82,12 +80,7 @@ def create_app(*, reaper: bool = True) -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(jobs.router)
     app.include_router(models.router)
-    try:
-        from api.routers import deployments
-    except ImportError:  # pragma: no cover - arrives with the inference worker
-        pass
-    else:
-        app.include_router(deployments.router)
+    app.include_router(deployments.router)
 
     # Connection-level database errors only: a bad statement or a constraint
     # violation is a bug, not an outage, and must not read "try again shortly".

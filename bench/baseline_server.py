@@ -34,14 +34,13 @@ def create_app(model_dir: Path, threads: int | None = None) -> FastAPI:
     """The seed-style app serving the PyTorch model in ``model_dir``."""
     import torch
 
+    from pipeline.contract import ModelMeta
     from pipeline.modeling import load_model
-    from pipeline.preprocess import ModelMeta, encode, load_tokenizer
-    from pipeline.runtime import register_architecture
+    from pipeline.preprocess import encode, load_tokenizer
 
     if threads:
         torch.set_num_threads(int(threads))
     meta = ModelMeta.load(model_dir)
-    register_architecture(model_dir)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir).float().eval()
     max_length = int(meta.max_length)

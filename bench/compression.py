@@ -294,10 +294,11 @@ def build_size_chain(chain: Chain, preset: str, workdir: Path) -> dict[str, Path
     import torch
     from transformers import BertForSequenceClassification
 
+    from pipeline.contract import ModelMeta
     from pipeline.distill import student_from_teacher
     from pipeline.export import export_onnx
     from pipeline.modeling import save_model_folder, scratch_config
-    from pipeline.preprocess import ModelMeta, load_tokenizer
+    from pipeline.preprocess import load_tokenizer
     from pipeline.prune import prune_model, resolve_targets
     from pipeline.quantize import quantize_int8
 

@@ -48,7 +48,8 @@ from bench.common import (
 )
 from bench.loadgen import open_loop
 from bench.stackutil import BenchStack, bench_stack, database, wait_healthy
-from textcls.embedded import Proc, api_command, free_port, wait_for, worker_command
+from launch.procs import Proc, free_port, wait_for
+from launch.services import api_command, worker_command
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,9 @@ def tiny_model(out: Path, texts: list[str]) -> Path:
     import torch
     from transformers import BertForSequenceClassification
 
+    from pipeline.contract import ModelMeta
     from pipeline.modeling import save_model_folder, scratch_config
-    from pipeline.preprocess import ModelMeta, build_char_vocab, make_char_tokenizer
+    from pipeline.preprocess import build_char_vocab, make_char_tokenizer
 
     torch.manual_seed(0)
     tok = make_char_tokenizer(build_char_vocab(texts))

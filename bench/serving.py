@@ -1,7 +1,7 @@
 """Serving benchmark: the inference worker against the seed-style baseline, side by side.
 
 * **worker** — ``deploy.inference`` as a real uvicorn process
-  (:func:`textcls.embedded.inference_command`) on its own database where the
+  (:func:`launch.services.inference_command`) on its own database where the
   chain's int8 student is promoted: dynamic batching, dynamic padding, ONNX
   Runtime int8.
 * **baseline** — :mod:`bench.baseline_server`: FastAPI + the PyTorch fp32
@@ -54,7 +54,8 @@ from bench.common import (
 )
 from bench.loadgen import KeepAliveClient, closed_loop, predict_bodies, sequential
 from bench.stackutil import bench_stack, prometheus_values, wait_healthy, wait_ready
-from textcls.embedded import free_port, inference_command, python
+from launch.procs import free_port
+from launch.services import inference_command, python
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def start_servers(
 ) -> dict[str, dict[str, Any]]:
     """Start every variant's server; returns name -> {url, model_id, ...}."""
     from bench.stackutil import BenchStack
-    from pipeline.preprocess import ModelMeta
+    from pipeline.contract import ModelMeta
     from textcls.db import migrate
 
     servers: dict[str, dict[str, Any]] = {}

@@ -23,7 +23,8 @@ from typing import Any
 import httpx
 
 from bench.common import REPO
-from textcls.embedded import ProcessGroup, port_open, start_redis, wait_for
+from launch.embedded import start_redis
+from launch.procs import ProcessGroup, port_open, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def database(kind: str, root: Path) -> Iterator[str]:
     if port_open("127.0.0.1", 5432):
         server_url = LOCAL_PG
     else:
-        from textcls.embedded import start_embedded_postgres
+        from launch.embedded import start_embedded_postgres
 
         server_url, server = start_embedded_postgres(root / "pgdata")
     import psycopg

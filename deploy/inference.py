@@ -1,7 +1,7 @@
 """The inference worker: the seed's ``POST /predict`` with dynamic batching.
 
 Run it with ``uvicorn --factory deploy.inference:app_factory`` (see
-``textcls.embedded.inference_command``). It serves the model named by the
+``launch.services.inference_command``). It serves the model named by the
 newest deployment in the database and switches without a restart when a model
 is promoted or rolled back (see :mod:`deploy.registry`).
 

@@ -5,6 +5,6 @@ knows about Celery, HTTP or the database.
 
 Every model artifact is a folder holding ``config.json`` (with ``id2label``),
 the tokenizer files, the weights (``model.safetensors`` or ``model.onnx``) and
-``textcls.json`` (see :mod:`pipeline.preprocess`), so any format can be served
+``textcls.json`` (see :mod:`pipeline.contract`), so any format can be served
 with exactly the preprocessing it was trained with.
 """

@@ -27,9 +27,6 @@ class StepError(ValueError):
     """A step was given input it cannot work with (wrong format, label mismatch...)."""
 
 
-ProgressCallable = Callable[[float, str | None], None]
-
-
 def run_cli_step(step: Callable[[], Any]) -> int:
     """Run a step for its CLI: print its metrics as JSON (exit 0) or its error (exit 2)."""
     try:

@@ -24,7 +24,12 @@ class TSVError(ValueError):
 
 
 @dataclass
-class Dataset:
+class Examples:
+    """The rows of a parsed dataset file: ``texts[i]`` has class id ``labels[i]``.
+
+    (A *Dataset* is the uploaded file's database row, :class:`textcls.models.Dataset`.)
+    """
+
     texts: list[str]
     labels: list[int]
     indices: list[str] = field(default_factory=list)
@@ -42,7 +47,7 @@ class Dataset:
         return {str(k): counts[k] for k in sorted(counts)}
 
 
-def parse_tsv(data: bytes, *, max_bytes: int | None = None) -> Dataset:
+def parse_tsv(data: bytes, *, max_bytes: int | None = None) -> Examples:
     """Parse and validate a dataset file's bytes."""
     if max_bytes is not None and len(data) > max_bytes:
         raise TSVError(0, f"file is {len(data)} bytes, over the limit of {max_bytes} bytes")
@@ -89,10 +94,10 @@ def parse_tsv(data: bytes, *, max_bytes: int | None = None) -> Dataset:
         indices.append(index.strip())
     if not texts:
         raise TSVError(0, "file has a header but no rows")
-    return Dataset(texts=texts, labels=labels, indices=indices)
+    return Examples(texts=texts, labels=labels, indices=indices)
 
 
-def read_tsv(path: Path) -> Dataset:
+def read_tsv(path: Path) -> Examples:
     return parse_tsv(Path(path).read_bytes())
 
 

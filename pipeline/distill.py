@@ -40,13 +40,11 @@ from pipeline.common import (
     run_cli_step,
     training_kwargs,
 )
-from pipeline.data import Dataset
+from pipeline.contract import META_FILE, ModelMeta
+from pipeline.data import Examples
 from pipeline.metrics import classification_metrics
-from pipeline.modeling import architecture, load_model, save_model_folder
-from pipeline.preprocess import META_FILE, ModelMeta, encode, load_tokenizer, token_lengths
-
-# Importing pipeline.prune registers the pruned-BERT architecture, so pruned
-# teachers (and students derived from them) load.
+from pipeline.modeling import architecture, load_model, register_architecture, save_model_folder
+from pipeline.preprocess import encode, load_tokenizer, token_lengths
 from pipeline.prune import load_pytorch_folder, read_dataset
 from pipeline.train import (
     EVAL_FRACTION,
@@ -127,6 +125,7 @@ def _student_from_folder(folder: Path, num_labels: int) -> Any:
         load_pytorch_folder(folder, "distill (student)")
     if not (folder / "config.json").is_file():
         raise StepError(f"student model folder {folder} has no config.json")
+    register_architecture(folder)  # a pruned student
     try:
         # A student with another label count gets a fresh classifier of the teacher's size.
         return AutoModelForSequenceClassification.from_pretrained(
@@ -213,7 +212,7 @@ class _Batches:
 def _evaluate(
     model: Any,
     tokenizer: Any,
-    data: Dataset,
+    data: Examples,
     *,
     batch_size: int,
     max_length: int,

@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.common import ProgressFn, StepError, no_progress, run_cli_step
+from pipeline.contract import META_FILE, ModelMeta
 from pipeline.data import read_tsv
 from pipeline.metrics import classification_metrics
-from pipeline.preprocess import META_FILE, ModelMeta, length_grouped_batches
+from pipeline.preprocess import length_grouped_batches
 from pipeline.runtime import load_predictor, torch_threads
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
 """Step ``export``: a PyTorch model folder to an ONNX model folder, checked against PyTorch.
 
-The ONNX contract every ``onnx*`` variant keeps (``pipeline.runtime`` relies on it):
+The ONNX contract every ``onnx*`` variant keeps (names in :mod:`pipeline.contract`;
+:mod:`pipeline.runtime` relies on it):
 inputs ``input_ids``, ``attention_mask``, ``token_type_ids`` (int64, dynamic
 ``batch`` and ``sequence`` axes), output ``logits`` (float32, ``[batch, num_labels]``),
 one self-contained ``model.onnx`` (weights inside, no external data).
@@ -31,10 +32,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.common import ProgressFn, StepError, no_progress, run_cli_step
+from pipeline.contract import LOGITS, META_FILE, MODEL_INPUTS, ONNX_FILE, ModelMeta
 from pipeline.data import read_tsv
 from pipeline.modeling import copy_tokenizer_and_meta, load_model
-from pipeline.preprocess import META_FILE, MODEL_INPUTS, ModelMeta, encode, load_tokenizer
-from pipeline.runtime import LOGITS, ONNX_FILE, register_architecture
+from pipeline.preprocess import encode, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +301,8 @@ def export_onnx(
     meta = require_format(model_dir, ["pytorch"], "export")
     texts = resolve_check_texts(check_texts)
     progress(0.0, "loading model")
-    register_architecture(model_dir)
+    # load_tokenizer registers a pruned BERT's architecture with transformers
+    # (the only registration here); load_model then finds it known.
     tokenizer = load_tokenizer(model_dir)
     # float(): a half-precision checkpoint must still give float32 logits.
     model = load_model(model_dir).float().eval()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.preprocess import ModelMeta
+from pipeline.contract import ModelMeta
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,40 @@ def scratch_config(preset: str, vocab_size: int, num_labels: int, max_length: in
     )
 
 
+def register_architecture(model_dir: Path | str) -> None:
+    """Register textcls's own architecture with transformers' Auto classes if the folder uses it.
+
+    ``config.json`` names the folder's ``model_type``; one transformers does not
+    know can only be textcls's pruned BERT (:mod:`pipeline.pruned_bert`, the one
+    architecture textcls adds), which is then registered (idempotent). Call it
+    before any ``Auto*.from_pretrained`` on a folder; :func:`load_model` and
+    :func:`pipeline.preprocess.load_tokenizer` do.
+    """
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        return
+    model_type = json.loads(config_path.read_text()).get("model_type")
+    if not model_type:
+        return
+    from transformers import CONFIG_MAPPING
+
+    if model_type in CONFIG_MAPPING:
+        return
+    # Imported here rather than at the top for start-up time, not for a cycle
+    # (pipeline.pruned_bert is a leaf): it loads transformers' BERT modelling
+    # code (~2 s), which a process that only serves other folders (a plain
+    # ONNX model, say) never needs.
+    from pipeline.pruned_bert import register_pruned_bert
+
+    register_pruned_bert()
+
+
 def load_model(folder: Path | str, num_labels: int | None = None) -> Any:
     """A sequence-classification model from a folder, eager attention, no remote code."""
     from transformers import AutoModelForSequenceClassification
 
-    # Pruned folders use textcls's own registered architecture (BERT with an
-    # explicit head size); importing the module registers it with the Auto classes.
-    import pipeline.prune  # noqa: F401
-
+    # Pruned folders use textcls's own architecture (BERT with an explicit head size).
+    register_architecture(folder)
     kwargs: dict[str, Any] = {"attn_implementation": "eager", "trust_remote_code": False}
     if num_labels is not None:
         kwargs["num_labels"] = num_labels

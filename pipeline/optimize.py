@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.common import ProgressFn, StepError, no_progress, run_cli_step
+from pipeline.contract import LOGITS, ONNX_FILE, ModelMeta
 from pipeline.export import (
     check_batches,
     check_contract,
@@ -45,8 +46,7 @@ from pipeline.export import (
     require_format,
     resolve_check_texts,
 )
-from pipeline.preprocess import ModelMeta, encode, load_tokenizer
-from pipeline.runtime import LOGITS, ONNX_FILE
+from pipeline.preprocess import encode, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -1,48 +1,28 @@
 """The one preprocessing path shared by training, evaluation and serving.
 
-A model folder's ``textcls.json`` records its format and ``max_length``; every
-consumer loads the tokenizer from the same folder and calls :func:`encode`.
+A model folder's ``textcls.json`` (:class:`pipeline.contract.ModelMeta`)
+records its format and ``max_length``; every consumer loads the tokenizer from
+the same folder and calls :func:`encode`.
 """
 
 from __future__ import annotations
 
-import json
+import copy
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-META_FILE = "textcls.json"
+from pipeline.modeling import register_architecture
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-# What encode() returns and every model (PyTorch or ONNX) takes, in this order.
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-@dataclass
-class ModelMeta:
-    """What every textcls model folder says about itself."""
-
-    format: str
-    max_length: int
-    num_labels: int
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def save(self, folder: Path) -> None:
-        (Path(folder) / META_FILE).write_text(json.dumps(asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, folder: Path) -> ModelMeta:
-        data = json.loads((Path(folder) / META_FILE).read_text())
-        return cls(**data)
 
 
 def load_tokenizer(folder: Path | str) -> Any:
     """The tokenizer saved in a model folder."""
     from transformers import AutoTokenizer
-
-    from pipeline.runtime import register_architecture
 
     # AutoTokenizer reads config.json: a custom model_type (a pruned BERT) must
     # be registered first, or transformers warns that it does not know it.
@@ -52,8 +32,6 @@ def load_tokenizer(folder: Path | str) -> Any:
 
 def build_char_vocab(texts: Iterable[str], max_size: int = 8000, min_count: int = 1) -> list[str]:
     """A per-character vocabulary (as Chinese BERT's), most frequent first."""
-    from collections import Counter
-
     counts: Counter[str] = Counter()
     for text in texts:
         counts.update(ch.lower() for ch in text if not ch.isspace())
@@ -77,6 +55,8 @@ def encode(
     tokenizer: Any, texts: Sequence[str], max_length: int, *, pad_to: int | None = None
 ) -> dict[str, np.ndarray]:
     """Tokenize a batch: int64 ``input_ids``, ``attention_mask``, ``token_type_ids``.
+
+    The keys are :data:`pipeline.contract.MODEL_INPUTS`, what every model takes.
 
     Pads to the longest text in the batch (dynamic padding) unless ``pad_to``
     asks for a fixed length. Fast (Rust-backed) tokenizers are called through
@@ -128,8 +108,6 @@ def _backend_for(tokenizer: Any, max_length: int, pad_to: int | None) -> Any:
             return None
     key = (int(max_length), pad_to)
     if key not in cache:
-        import copy
-
         backend = copy.deepcopy(tokenizer.backend_tokenizer)
         backend.enable_truncation(
             max_length=pad_to or max_length,

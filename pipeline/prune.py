@@ -8,20 +8,9 @@ each layer are then cut out of the weight matrices (uniformly: every layer
 keeps ``target_heads`` heads and ``target_ffn`` neurons), giving a genuinely
 smaller model, optionally fine-tuned afterwards.
 
-Why a registered architecture: transformers 5 dropped ``prune_heads`` and
-``BertSelfAttention`` derives the head size as ``hidden_size //
-num_attention_heads`` while ``BertSelfOutput`` is a square ``hidden x hidden``
-projection, so "8 heads of 64 in a 768-wide model" cannot be expressed by any
-``BertConfig`` (DeBERTa-v2's ``attention_head_size`` has the same square output
-projection). :class:`PrunedBertConfig` (``model_type`` ``textcls_pruned_bert``)
-adds ``attention_head_size``; :class:`PrunedBertForSequenceClassification` is
-``BertForSequenceClassification`` with its attention projections sized
-``num_attention_heads * attention_head_size``, i.e. exactly the module shapes
-the old ``prune_heads`` produced, running BERT's own forward code. Both are
-registered with ``AutoConfig`` / ``AutoModel*`` when this module is imported
-(the documented way to add a model type), after which
-``AutoModelForSequenceClassification.from_pretrained`` loads pruned folders. A
-process must import :mod:`pipeline.prune` before loading one.
+The pruned model is a :class:`pipeline.pruned_bert.PrunedBertForSequenceClassification`
+(``model_type`` ``textcls_pruned_bert``, BERT with an explicit per-head width),
+which :func:`pipeline.modeling.load_model` loads back.
 """
 
 from __future__ import annotations
@@ -37,16 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForSequenceClassification,
-    BertConfig,
-    BertForSequenceClassification,
-    BertModel,
-)
+from transformers import BertForSequenceClassification
 
 from pipeline.common import (
     ProgressFn,
@@ -56,10 +37,16 @@ from pipeline.common import (
     run_cli_step,
     training_kwargs,
 )
-from pipeline.data import Dataset, TSVError, read_tsv
+from pipeline.contract import META_FILE, ModelMeta
+from pipeline.data import Examples, TSVError, read_tsv
 from pipeline.metrics import classification_metrics
 from pipeline.modeling import architecture, load_model, save_model_folder
-from pipeline.preprocess import META_FILE, ModelMeta, encode, load_tokenizer
+from pipeline.preprocess import encode, load_tokenizer
+from pipeline.pruned_bert import (
+    PRUNED_MODEL_TYPE,
+    PrunedBertConfig,
+    PrunedBertForSequenceClassification,
+)
 from pipeline.train import (
     EVAL_FRACTION,
     PRETRAINED_LR,
@@ -74,7 +61,6 @@ from pipeline.train import (
 
 log = logging.getLogger(__name__)
 
-PRUNED_MODEL_TYPE = "textcls_pruned_bert"
 # The seed prunes bert-base (12 heads, FFN 3072) to 8 heads and FFN 2048; a model
 # already at or below a target is scaled by the same ratio instead.
 SEED_HEAD_RATIO = 8 / 12
@@ -86,91 +72,8 @@ LATENCY_SENTENCES = 32
 LATENCY_WARMUP = 3
 # Fine-tuning after pruning starts from trained weights: the usual pretrained
 # step, a little larger for models whose lineage is a from-scratch preset
-# (train uses 1e-3 from scratch; 2e-4 recovered as well as 1e-3 here).
+# (train uses SCRATCH_LR, 5e-4, from scratch; here 2e-4 recovered as well as 1e-3).
 SCRATCH_LINEAGE_LR = 2e-4
-
-
-# --------------------------------------------------------------------------
-# The pruned architecture
-# --------------------------------------------------------------------------
-
-
-@strict
-class PrunedBertConfig(BertConfig):
-    """``BertConfig`` plus an explicit per-head width (``None``: hidden // heads)."""
-
-    model_type = PRUNED_MODEL_TYPE
-
-    attention_head_size: int | None = None
-
-
-def _head_size(config: Any) -> int:
-    size = getattr(config, "attention_head_size", None)
-    return int(size) if size else int(config.hidden_size // config.num_attention_heads)
-
-
-def _build_with_pruned_attention(
-    init: Callable[[], None], config: Any, bert: Callable[[], Any]
-) -> None:
-    """Run a BERT ``__init__`` and then give every layer pruned-size attention projections.
-
-    ``BertSelfAttention.__init__`` refuses head counts that do not divide the
-    hidden size, so the stock modules are built with one head and replaced.
-    """
-    heads = int(config.num_attention_heads)
-    size = _head_size(config)
-    config.num_attention_heads = 1
-    try:
-        init()
-    finally:
-        config.num_attention_heads = heads
-    hidden = int(config.hidden_size)
-    for layer in bert().encoder.layer:
-        sa = layer.attention.self
-        sa.num_attention_heads = heads
-        sa.attention_head_size = size
-        sa.all_head_size = heads * size
-        sa.scaling = size**-0.5
-        sa.query = nn.Linear(hidden, heads * size)
-        sa.key = nn.Linear(hidden, heads * size)
-        sa.value = nn.Linear(hidden, heads * size)
-        layer.attention.output.dense = nn.Linear(heads * size, hidden)
-
-
-class PrunedBertModel(BertModel):
-    """``BertModel`` with ``num_attention_heads`` heads of ``attention_head_size`` each."""
-
-    config_class = PrunedBertConfig
-
-    def __init__(self, config: PrunedBertConfig, add_pooling_layer: bool = True) -> None:
-        _build_with_pruned_attention(
-            lambda: BertModel.__init__(self, config, add_pooling_layer), config, lambda: self
-        )
-        self.post_init()
-
-
-class PrunedBertForSequenceClassification(BertForSequenceClassification):
-    """``BertForSequenceClassification`` over :class:`PrunedBertModel`-shaped layers."""
-
-    config_class = PrunedBertConfig
-
-    def __init__(self, config: PrunedBertConfig) -> None:
-        _build_with_pruned_attention(
-            lambda: BertForSequenceClassification.__init__(self, config), config, lambda: self.bert
-        )
-        self.post_init()
-
-
-def register_pruned_bert() -> None:
-    """Make ``Auto*.from_pretrained`` recognise ``textcls_pruned_bert`` folders (idempotent)."""
-    AutoConfig.register(PRUNED_MODEL_TYPE, PrunedBertConfig, exist_ok=True)
-    AutoModel.register(PrunedBertConfig, PrunedBertModel, exist_ok=True)
-    AutoModelForSequenceClassification.register(
-        PrunedBertConfig, PrunedBertForSequenceClassification, exist_ok=True
-    )
-
-
-register_pruned_bert()
 
 
 # --------------------------------------------------------------------------
@@ -216,7 +119,7 @@ def _bert_layers(model: Any) -> list[Any]:
 
 
 def _batches(
-    tokenizer: Any, data: Dataset, batch_size: int, max_length: int
+    tokenizer: Any, data: Examples, batch_size: int, max_length: int
 ) -> list[tuple[list[int], dict[str, np.ndarray]]]:
     return list(iter_batches(tokenizer, data, batch_size, max_length, shuffle=False))
 
@@ -224,7 +127,7 @@ def _batches(
 def importance_scores(
     model: Any,
     tokenizer: Any,
-    data: Dataset,
+    data: Examples,
     *,
     batch_size: int,
     max_length: int,
@@ -296,12 +199,12 @@ def importance_scores(
     return head_imp, ffn_imp
 
 
-def _subsample(data: Dataset, limit: int, seed: int) -> Dataset:
+def _subsample(data: Examples, limit: int, seed: int) -> Examples:
     """At most ``limit`` rows of ``data``, drawn with a seeded RNG, in file order."""
     if len(data) <= limit:
         return data
     rows = np.sort(np.random.default_rng(seed).choice(len(data), size=limit, replace=False))
-    return Dataset(
+    return Examples(
         texts=[data.texts[i] for i in rows],
         labels=[data.labels[i] for i in rows],
         indices=[data.indices[i] for i in rows] if data.indices else [],
@@ -389,7 +292,7 @@ def weights_size_bytes(folder: Path) -> int:
 def _accuracy(
     model: Any,
     tokenizer: Any,
-    data: Dataset,
+    data: Examples,
     *,
     batch_size: int,
     max_length: int,
@@ -481,7 +384,7 @@ def default_learning_rate(meta: ModelMeta) -> float:
     return SCRATCH_LINEAGE_LR if base.startswith("scratch:") else PRETRAINED_LR
 
 
-def read_dataset(path: Path) -> Dataset:
+def read_dataset(path: Path) -> Examples:
     """:func:`pipeline.data.read_tsv`, with format problems as :class:`StepError`."""
     try:
         return read_tsv(Path(path))
@@ -702,16 +605,11 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "PRUNED_MODEL_TYPE",
     "PruneResult",
-    "PrunedBertConfig",
-    "PrunedBertForSequenceClassification",
-    "PrunedBertModel",
     "importance_scores",
     "latency_side_by_side",
     "prune",
     "prune_model",
-    "register_pruned_bert",
     "resolve_targets",
     "weights_size_bytes",
 ]

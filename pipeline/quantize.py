@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.common import ProgressFn, StepError, no_progress, run_cli_step
+from pipeline.contract import LOGITS, ONNX_FILE, ModelMeta
 from pipeline.export import (
     check_batches,
     check_contract,
@@ -52,8 +53,8 @@ from pipeline.export import (
     require_format,
     resolve_check_texts,
 )
-from pipeline.preprocess import ModelMeta, encode, load_tokenizer
-from pipeline.runtime import LOGITS, ONNX_FILE
+from pipeline.optimize import fuse_bert
+from pipeline.preprocess import encode, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,6 @@ def weight_params(model_path: Path) -> dict[str, int]:
 
 def _fused_copy(onnx_dir: Path, tmp: Path) -> Path:
     """The parent graph after ORT's BERT fusion (the ``fuse=True`` source)."""
-    from pipeline.optimize import fuse_bert
-
     config = json.loads((onnx_dir / "config.json").read_text())
     model, _ = fuse_bert(onnx_dir / ONNX_FILE, config)
     path = tmp / "fused.onnx"

@@ -6,18 +6,17 @@
 ``model.onnx``). Every predictor tokenizes with the folder's own tokenizer and
 :func:`pipeline.preprocess.encode`, exactly as training did.
 
-The ONNX contract (see :mod:`pipeline.export`): int64 inputs ``input_ids``,
-``attention_mask``, ``token_type_ids`` of shape ``[batch, sequence]``; output
-``logits``, float32 ``[batch, num_labels]``.
+The ONNX contract (names in :mod:`pipeline.contract`, checked by
+:mod:`pipeline.export`): int64 inputs ``input_ids``, ``attention_mask``,
+``token_type_ids`` of shape ``[batch, sequence]``; output ``logits``, float32
+``[batch, num_labels]``.
 
 Predictors are safe to call from several threads at once.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import json
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -29,21 +28,12 @@ from typing import Any
 import numpy as np
 
 from pipeline.common import StepError
-from pipeline.preprocess import (
-    META_FILE,
-    MODEL_INPUTS,
-    ModelMeta,
-    encode,
-    load_tokenizer,
-    token_lengths,
-)
+from pipeline.contract import FORMATS, LOGITS, META_FILE, MODEL_INPUTS, ONNX_FILE, ModelMeta
+from pipeline.modeling import load_model
+from pipeline.preprocess import encode, load_tokenizer, token_lengths
 
 log = logging.getLogger(__name__)
 
-ONNX_FORMATS = ("onnx", "onnx-fp16", "onnx-int8")
-FORMATS = ("pytorch", *ONNX_FORMATS)
-ONNX_FILE = "model.onnx"
-LOGITS = "logits"
 # predict_logits splits long lists into length-sorted chunks of this size so a
 # call with thousands of texts neither pads them all to one length nor
 # allocates one giant batch.
@@ -55,20 +45,6 @@ DEFAULT_CHUNK = 64
 # student, one thread); logits agree within ~1e-3 (rounding of the int8
 # activations). The fusion does not fire on the fp32 export, only on int8.
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
-# Custom architectures (model_type in config.json) and the module that registers
-# each with transformers' Auto classes when imported.
-CUSTOM_MODEL_TYPES = {"textcls_pruned_bert": "pipeline.prune"}
-
-
-def register_architecture(model_dir: Path) -> None:
-    """Import whatever module registers the folder's ``model_type`` (e.g. a pruned BERT)."""
-    config_path = Path(model_dir) / "config.json"
-    if not config_path.is_file():
-        return
-    model_type = json.loads(config_path.read_text()).get("model_type")
-    module = CUSTOM_MODEL_TYPES.get(str(model_type))
-    if module:
-        importlib.import_module(module)
 
 
 @contextmanager
@@ -174,10 +150,7 @@ class TorchPredictor(Predictor):
     def __init__(self, model_dir: Path, meta: ModelMeta, tokenizer: Any, device: str) -> None:
         import torch
 
-        from pipeline.modeling import load_model
-
         super().__init__(model_dir, meta, tokenizer, device)
-        register_architecture(model_dir)
         self._torch_device = torch.device(device)
         model = load_model(model_dir).float().eval().to(self._torch_device)
         params = inspect.signature(model.forward).parameters

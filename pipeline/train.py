@@ -31,26 +31,25 @@ from pipeline.common import (
     run_cli_step,
     training_kwargs,
 )
-from pipeline.data import Dataset, read_tsv
+from pipeline.contract import META_FILE, MODEL_INPUTS, ModelMeta
+from pipeline.data import Examples, read_tsv
 from pipeline.metrics import classification_metrics
 from pipeline.modeling import (
     architecture,
     is_scratch,
     load_model,
+    register_architecture,
     save_model_folder,
     scratch_config,
 )
 from pipeline.preprocess import (
-    META_FILE,
-    MODEL_INPUTS,
-    ModelMeta,
     build_char_vocab,
     encode,
     length_grouped_batches,
     make_char_tokenizer,
     token_lengths,
 )
-from pipeline.runtime import register_architecture, torch_threads
+from pipeline.runtime import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +110,7 @@ def resolve_device(device: str | None) -> torch.device:
 
 def iter_batches(
     tokenizer: Any,
-    dataset: Dataset,
+    dataset: Examples,
     batch_size: int,
     max_length: int,
     *,
@@ -177,7 +176,7 @@ def warmup_linear_decay(total_steps: int) -> Callable[[int], float]:
 def predict_dataset(
     model: Any,
     tokenizer: Any,
-    dataset: Dataset,
+    dataset: Examples,
     *,
     batch_size: int,
     max_length: int,
@@ -208,8 +207,8 @@ def predict_dataset(
 def fine_tune(
     model: Any,
     tokenizer: Any,
-    train: Dataset,
-    eval: Dataset | None,
+    train: Examples,
+    eval: Examples | None,
     *,
     epochs: int,
     batch_size: int,
@@ -376,7 +375,7 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-def stratified_split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+def stratified_split(data: Examples, fraction: float, seed: int) -> tuple[Examples, Examples]:
     """Hold out ``fraction`` of each label's rows (seeded); classes of one row stay in train."""
     rng = np.random.default_rng(seed)
     by_label: dict[int, list[int]] = {}
@@ -394,8 +393,8 @@ def stratified_split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset
     keep = [i for i in range(len(data)) if i not in held_set]
     held.sort()
 
-    def subset(ix: list[int]) -> Dataset:
-        return Dataset(
+    def subset(ix: list[int]) -> Examples:
+        return Examples(
             texts=[data.texts[i] for i in ix],
             labels=[data.labels[i] for i in ix],
             indices=[data.indices[i] for i in ix] if data.indices else [],
@@ -434,7 +433,7 @@ def load_base_model(
             raise StepError(
                 f"base model folder {base_model!r} has no config.json: not a Hugging Face model"
             )
-        # A pruned model is a custom architecture; import what registers it.
+        # A pruned model is a custom architecture: register it with the Auto classes.
         register_architecture(folder)
         source = str(folder)
     elif base_model.startswith(("/", ".", "~")) or "\\" in base_model:

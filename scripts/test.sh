@@ -12,5 +12,5 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
 fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy api workers pipeline deploy textcls
+.venv/bin/mypy api workers pipeline deploy textcls launch
 exec .venv/bin/pytest -q -ra --durations=15 "$@"

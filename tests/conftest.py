@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from textcls.embedded import ProcessGroup, port_open, start_embedded_postgres, start_redis
+from launch.embedded import start_embedded_postgres, start_redis
+from launch.procs import ProcessGroup, port_open
 
 if TYPE_CHECKING:
     from tests.stack import Stack
@@ -75,7 +76,3 @@ def make_stack(
     yield factory
     for stack in stacks:
         stack.close()
-
-
-if False:  # pragma: no cover - for type checkers only
-    from tests.stack import Stack

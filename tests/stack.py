@@ -10,16 +10,9 @@ from typing import Any
 
 import httpx
 
+from launch.procs import Proc, ProcessGroup, free_port, wait_for
+from launch.services import api_command, inference_command, worker_command
 from textcls.db import migrate
-from textcls.embedded import (
-    Proc,
-    ProcessGroup,
-    api_command,
-    free_port,
-    inference_command,
-    wait_for,
-    worker_command,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 FINAL = {"succeeded", "failed", "cancelled"}

@@ -9,7 +9,9 @@ the compose stack two other ways:
     variable they use is documented in ``.env.example``; every ``TEXTCLS_*``
     variable is a real setting; health checks, restart policies and
     ``depends_on`` conditions are where they must be; every command line parses
-    against the real CLI; and ``deploy/Dockerfile`` is linted (COPY sources
+    against the real CLI, and the API, worker and inference services' ``textcls``
+    commands exec exactly the command lines ``launch/services.py`` defines (the
+    ones the embedded stack and the tests run); and ``deploy/Dockerfile`` is linted (COPY sources
     exist, the torch pin matches pyproject.toml, non-root user, CMD is a console
     script).
 
@@ -59,7 +61,8 @@ import jsonschema
 import pytest
 import yaml
 
-from textcls.embedded import ProcessGroup, free_port, wait_for
+from launch.procs import ProcessGroup, free_port, wait_for
+from tests.launch.helpers import exec_argv
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
@@ -81,6 +84,8 @@ IMAGE_COMMANDS = {
     "nginx": {"nginx", "wget", "sh"},
 }
 RUNNING_POLICIES = {"always", "unless-stopped", "on-failure"}
+# textcls subcommands that exec a service's command line (launch/services.py).
+SERVICE_CMDS = ("api", "worker", "inference")
 API_KEY_HEADER = "X-API-Key"
 
 
@@ -454,7 +459,7 @@ def _check_textcls_argv(argv: list[str]) -> None:
     """Parse ``textcls ...`` with the real CLI (options and values checked, nothing run)."""
     import typer
 
-    from textcls.cli import app
+    from launch.cli import app
 
     group: Any = typer.main.get_command(app)  # a click Group (typer may vendor click)
     ctx = group.make_context("textcls", list(argv[1:]))
@@ -465,11 +470,15 @@ def _check_textcls_argv(argv: list[str]) -> None:
 
 
 def _check_celery_argv(argv: list[str]) -> None:
-    app_spec = argv[argv.index("-A") + 1]
-    module, _, attr = app_spec.partition(":")
     from celery import Celery
+    from celery.app.utils import find_app
 
-    assert isinstance(getattr(importlib.import_module(module), attr or "app"), Celery)
+    from launch.services import CELERY_APP
+
+    app_spec = argv[argv.index("-A") + 1]
+    # The same app the workers run (launch/services.py), found as celery -A finds it.
+    assert app_spec == CELERY_APP, argv
+    assert isinstance(find_app(app_spec), Celery)
     sub = argv[argv.index("-A") + 2]
     if sub == "flower":
         if importlib.util.find_spec("flower") is None:
@@ -500,6 +509,35 @@ def test_textcls_commands_exist_and_parse(compose: dict[str, Any]) -> None:
     for svc in services(compose).values():
         if uses_textcls_image(svc) and command(svc)[0] == "celery":
             _check_celery_argv(command(svc))
+
+
+def test_service_commands_are_the_launcher_command_lines(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each textcls service runs ``textcls api|worker|inference``, which execs exactly the
+    command line ``launch.services`` defines (the one the embedded stack and tests run)."""
+    from launch import services as launcher
+
+    expected = {
+        "api": launcher.api_command("0.0.0.0", 8000, "info"),
+        "worker-gpu": launcher.worker_command("gpu", "worker-gpu", 1),
+        "worker-cpu": launcher.worker_command("cpu", "worker-cpu", 1),
+        "inference": launcher.inference_command("0.0.0.0", 8001, "info"),
+    }
+    runs_service = {
+        name
+        for name, svc in services(compose).items()
+        if uses_textcls_image(svc) and command(svc)[:2] in (["textcls", s] for s in SERVICE_CMDS)
+    }
+    assert runs_service == set(expected)
+    for name, argv in expected.items():
+        cmd = command(services(compose)[name])
+        assert exec_argv(cmd[1:], monkeypatch) == argv, name
+        if name.startswith("worker"):
+            assert set(launcher.WORKER_FLAGS) <= set(argv), name
+    # The image's default command is the API's, too.
+    cmd = next(i for i in reversed(dockerfile_instructions(DOCKERFILE)) if i.keyword == "CMD")
+    assert exec_argv(_exec_form(cmd.args)[1:], monkeypatch) == expected["api"]
 
 
 # --------------------------------------------------------------------------- (a) Dockerfile

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlmodel import Session, create_engine
 
 from textcls.settings import get_settings
@@ -19,6 +20,8 @@ from textcls.settings import get_settings
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+T = TypeVar("T")
 
 
 @lru_cache
@@ -74,6 +77,27 @@ def get_db() -> Iterator[Session]:
 def session_scope() -> Session:
     """A new session for code outside a request (workers, CLI)."""
     return Session(get_engine())
+
+
+def retry_db(fn: Callable[[], T], what: str, seconds: float | None = None) -> T:
+    """Call ``fn``, retrying while the database is unreachable, for up to ``seconds``.
+
+    For a job's final bookkeeping: its work is done and must not be thrown away
+    because the database blinked. The heartbeat thread keeps the job alive
+    meanwhile, as soon as the database is back.
+    """
+    limit = get_settings().db_retry_seconds if seconds is None else seconds
+    deadline = time.monotonic() + limit
+    pause = 0.5
+    while True:
+        try:
+            return fn()
+        except (OperationalError, InterfaceError) as exc:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning("%s: database unavailable (%s); retrying", what, str(exc).splitlines()[0])
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
 
 def alembic_config(url: str | None = None) -> Any:

@@ -1,4 +1,9 @@
-"""Deployments shared by the control plane and the inference workers.
+"""Deployments: which model is served, and the one set of rules for changing it.
+
+:func:`promote` and :func:`rollback` are the only ways a deployment row is
+written: ``POST /models/{id}/promote``, ``POST /deployments/rollback`` and a
+pipeline's ``promote=true`` all go through them, so they all refuse the same
+things (an unservable model, a different label set without ``force``).
 
 The database is the truth about which model is served: the newest
 ``deployments`` row names it. A Redis pub/sub message is only a nudge that
@@ -18,8 +23,9 @@ from urllib.parse import urlparse
 from sqlalchemy import text
 from sqlmodel import Session, col, select
 
-from textcls.models import Deployment, Model, ModelFormat
+from textcls.models import Deployment, Model, ModelFormat, utcnow
 from textcls.settings import get_settings
+from textcls.store import ArtifactStore, dir_size
 
 log = logging.getLogger(__name__)
 
@@ -128,3 +134,106 @@ def publish_deployment(deployment: Deployment, broker_url: str | None = None) ->
     except Exception as exc:
         log.warning("could not publish deployment %s on Redis: %s", deployment.id, exc)
         return None
+
+
+# --------------------------------------------------------------------------- changing it
+
+
+class DeploymentRefused(Exception):
+    """A promotion or rollback that must not happen; the message says why (a 409)."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a promotion or rollback did (not yet committed, not yet published)."""
+
+    deployment: Deployment
+    previous_model_id: int | None
+    # False: the model was already served and nothing was recorded.
+    recorded: bool = True
+
+
+def servability_problem(model: Model, store: ArtifactStore | None = None) -> str | None:
+    """Why inference workers could not load this model, or None if they can.
+
+    The folder must be there and complete: the size registered with the row is
+    what a finished step wrote (a folder cut short or emptied since is refused).
+    """
+    if model.format not in SERVABLE_FORMATS:
+        return (
+            f"model {model.id} has format {model.format!r}, which inference workers cannot "
+            f"serve (servable: {', '.join(sorted(SERVABLE_FORMATS))})"
+        )
+    try:
+        folder = (store or ArtifactStore()).resolve(model.path)
+    except ValueError as exc:
+        return f"model {model.id} is not servable: {exc}"
+    if not folder.is_dir():
+        return f"model {model.id} is not servable: its folder {model.path!r} is missing"
+    size = dir_size(folder)
+    if size == 0 or size != model.size_bytes:
+        return (
+            f"model {model.id} is not servable: its folder {model.path!r} holds {size} bytes, "
+            f"not the {model.size_bytes} registered"
+        )
+    return None
+
+
+def promote(session: Session, model: Model, *, force: bool = False) -> Change:
+    """Make ``model`` the served one, in the caller's transaction (commit, then publish).
+
+    A model whose number of labels differs from the served model's is refused
+    unless ``force``: clients would silently get a different class set.
+    Promoting the served model again records nothing, so a later rollback still
+    goes back to the model before it.
+    """
+    assert model.id is not None
+    lock_deployments(session)
+    problem = servability_problem(model)
+    if problem:
+        raise DeploymentRefused(problem)
+    current = current_deployment(session)
+    if current is not None and current.model_id == model.id:
+        return Change(current, current.model_id, recorded=False)
+    if current is not None and not force:
+        served = session.get(Model, current.model_id)
+        if served is not None and served.num_labels != model.num_labels:
+            raise DeploymentRefused(
+                f"model {model.id} has {model.num_labels} labels but the served model "
+                f"{served.id} has {served.num_labels}; clients would get a different label "
+                "set. Promote with ?force=true to do it anyway."
+            )
+    dep = Deployment(model_id=model.id, action="promote", created_at=utcnow())
+    session.add(dep)
+    session.flush()
+    log.info("promoting model %s (deployment %s)", model.id, dep.id)
+    return Change(dep, current.model_id if current else None)
+
+
+def rollback(session: Session) -> Change:
+    """Serve the model promoted before the current one, in the caller's transaction.
+
+    The current promotion is marked reverted, so the next rollback goes one
+    step further back instead of bouncing between two models.
+    """
+    lock_deployments(session)
+    stack = active_promotions(session)
+    if not stack:
+        raise DeploymentRefused("nothing to roll back: no model has been promoted")
+    if len(stack) < 2:
+        raise DeploymentRefused(
+            f"nothing to roll back to: model {stack[0].model_id} is the only promotion "
+            "left in the history"
+        )
+    undone, target = stack[0], stack[1]
+    model = session.get(Model, target.model_id)
+    problem = servability_problem(model) if model is not None else "the model row is gone"
+    if problem:
+        raise DeploymentRefused(f"cannot roll back to model {target.model_id}: {problem}")
+    undone.reverted = True
+    session.add(undone)
+    dep = Deployment(model_id=target.model_id, action="rollback", created_at=utcnow())
+    session.add(dep)
+    session.flush()
+    log.info("rolling back from model %s to model %s", undone.model_id, target.model_id)
+    return Change(dep, undone.model_id)

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from textcls.models import MAX_ID
 from textcls.settings import get_settings
 
 QUEUE_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
-# Record ids fit the schema's 32-bit INTEGER columns (a larger number names nothing).
-MAX_ID = 2**31 - 1
 RecordId = Annotated[int, Field(ge=1, le=MAX_ID)]
 # A Hugging Face Hub id: "name" or "org/name", no path tricks.
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
@@ -80,7 +79,10 @@ class TrainingParams(JobParams):
     epochs: int = Field(default=3, ge=1, le=100)
     batch_size: int = Field(default=32, ge=1, le=1024)
     learning_rate: float | None = Field(
-        default=None, gt=0, lt=1, description="default: 5e-5 pretrained, 1e-3 from scratch"
+        default=None,
+        gt=0,
+        lt=1,
+        description="default: 5e-5 for a pretrained base, 5e-4 from scratch",
     )
     max_length: int = Field(default=128, ge=8, le=512)
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
@@ -188,6 +190,10 @@ class PipelineParams(TrainingParams):
         return steps
 
 
+# The common training parameters, as every training-like step takes them.
+TRAINING_KEYS = tuple(k for k in TrainingParams.model_fields if k not in JobParams.model_fields)
+
+
 KIND_PARAMS: dict[str, type[JobParams]] = {
     "train": TrainParams,
     "prune": PruneParams,
@@ -217,7 +223,16 @@ DATASET_FIELDS = ("dataset_id", "eval_dataset_id")
 MODEL_FIELDS = ("model_id", "teacher_model_id")
 
 
-def parse_params(kind: str, params: dict[str, object]) -> JobParams:
+def user_params(params: dict[str, Any] | None) -> dict[str, Any]:
+    """A job's params without its bookkeeping keys.
+
+    Keys starting with ``_`` (a pipeline step's name) are set by the lifecycle,
+    never by users: the API refuses them as unknown parameters.
+    """
+    return {k: v for k, v in (params or {}).items() if not k.startswith("_")}
+
+
+def parse_params(kind: str, params: dict[str, Any]) -> JobParams:
     """Validate ``params`` for ``kind``; raises KeyError or pydantic.ValidationError."""
     return KIND_PARAMS[kind].model_validate(params)
 

@@ -29,7 +29,14 @@ class JobStatus(enum.StrEnum):
     cancelled = "cancelled"
 
 
-FINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+# Plain strings, so rows, enum members and JSON from the API all test against it.
+FINAL_STATUSES: frozenset[str] = frozenset(
+    {JobStatus.succeeded.value, JobStatus.failed.value, JobStatus.cancelled.value}
+)
+
+# Ids (and offsets) fit the schema's 32-bit INTEGER columns: a larger number
+# names nothing, and the databases would fail on it (a 500) instead of a 404.
+MAX_ID = 2**31 - 1
 
 
 class ModelFormat(enum.StrEnum):

@@ -15,20 +15,26 @@ from typing import Any
 
 from sqlmodel import Session
 
-from pipeline.data import Dataset as ParsedDataset
 from textcls.models import Dataset, Model
 from textcls.store import ArtifactStore, dir_size
 
 
 def add_dataset(
-    session: Session, store: ArtifactStore, raw: bytes, parsed: ParsedDataset, name: str
+    session: Session,
+    store: ArtifactStore,
+    raw: bytes,
+    *,
+    name: str,
+    rows: int,
+    num_labels: int,
+    label_counts: dict[str, int],
 ) -> Dataset:
     """A ``datasets`` row for already validated TSV bytes, the file written into the store."""
     row = Dataset(
         name=name,
-        rows=len(parsed),
-        num_labels=parsed.num_labels,
-        label_counts=parsed.label_counts(),
+        rows=rows,
+        num_labels=num_labels,
+        label_counts=label_counts,
         sha256=hashlib.sha256(raw).hexdigest(),
         size_bytes=len(raw),
         path="",

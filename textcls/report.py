@@ -1,8 +1,14 @@
-"""Columns and cell formatting of a pipeline's comparison report (CLI, HTML and demo)."""
+"""A pipeline's comparison report: how it is built from the children's evaluations,
+and its columns and cell formatting (one definition for CLI, HTML and demo)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from sqlmodel import Session, col, select
+
+from textcls.models import Evaluation, Job, JobStatus, Model
+from textcls.pipelines import pipeline_params, step_of
 
 # (key in a report variant, column heading)
 REPORT_COLUMNS: list[tuple[str, str]] = [
@@ -37,3 +43,105 @@ def format_cell(key: str, value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _variant(model: Model, step: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    lat = metrics.get("latency_ms") or {}
+    info = model.info or {}
+    return {
+        "step": step,
+        "model_id": model.id,
+        "format": model.format,
+        "parent_id": model.parent_id,
+        "layers": info.get("num_layers"),
+        "heads": info.get("num_heads"),
+        "ffn": info.get("ffn_size"),
+        "hidden": info.get("hidden_size"),
+        "size_bytes": model.size_bytes,
+        "accuracy": metrics.get("accuracy"),
+        "macro_f1": metrics.get("macro_f1"),
+        "latency_p50_ms": lat.get("p50"),
+        "latency_p99_ms": lat.get("p99"),
+        "throughput_per_s": metrics.get("throughput_per_s"),
+        "device": metrics.get("device"),
+    }
+
+
+def build_report(s: Session, parent: Job) -> dict[str, Any]:
+    """Every variant of a pipeline side by side, with the budget decision."""
+    params = pipeline_params(parent)
+    children = list(s.exec(select(Job).where(Job.parent_id == parent.id).order_by(col(Job.id))))
+    steps: dict[int, str] = {}
+    if params.model_id is not None:
+        steps[params.model_id] = "start"
+    for c in children:
+        if c.kind != "evaluate" and c.output_model_id is not None:
+            steps[c.output_model_id] = step_of(c)
+    variants: list[dict[str, Any]] = []
+    for model_id, step in steps.items():
+        model = s.get(Model, model_id)
+        ev = s.exec(
+            select(Evaluation)
+            .where(Evaluation.model_id == model_id)
+            .where(Evaluation.dataset_id == params.eval_dataset_id)
+        ).first()
+        if model is not None and ev is not None:
+            variants.append(_variant(model, step, ev.metrics or {}))
+    base = variants[0]["accuracy"] if variants else None
+    excluded = "onnx-fp16" if params.target_device == "cpu" else "onnx-int8"
+    for v in variants:
+        acc = v["accuracy"]
+        v["drop_points"] = (
+            round((base - acc) * 100, 3) if base is not None and acc is not None else None
+        )
+        v["within_budget"] = (
+            v["drop_points"] is not None and v["drop_points"] <= params.max_accuracy_drop + 1e-9
+        )
+        v["eligible"] = v["within_budget"] and v["format"] != excluded
+        v["chosen"] = False
+    eligible = [v for v in variants if v["eligible"] and v["latency_p50_ms"] is not None]
+    chosen = min(
+        eligible, key=lambda v: (v["latency_p50_ms"], -(v["throughput_per_s"] or 0)), default=None
+    )
+    if chosen is not None:
+        chosen["chosen"] = True
+    return {
+        "pipeline_job_id": parent.id,
+        "eval_dataset_id": params.eval_dataset_id,
+        "target_device": params.target_device,
+        "max_accuracy_drop": params.max_accuracy_drop,
+        "baseline_accuracy": base,
+        "selection": f"lowest batch-1 p50 latency among variants within the budget"
+        f" ({excluded} excluded for target {params.target_device})",
+        "chosen_model_id": chosen["model_id"] if chosen else None,
+        "variants": variants,
+    }
+
+
+def pipeline_report(session: Session, job: Job) -> dict[str, Any]:
+    """The report of a pipeline job as the API serves it: the comparison, status and steps.
+
+    A succeeded pipeline's report is the one frozen into its metrics when it ended.
+    """
+    if job.status == JobStatus.succeeded and (job.metrics or {}).get("variants") is not None:
+        report = dict(job.metrics)
+    else:
+        report = build_report(session, job)
+    children = session.exec(select(Job).where(Job.parent_id == job.id).order_by(col(Job.id)))
+    report["status"] = job.status
+    report["error"] = job.error
+    report["steps"] = [
+        {
+            "job_id": c.id,
+            "step": step_of(c),
+            "kind": c.kind,
+            "status": c.status,
+            "output_model_id": c.output_model_id,
+            "error": c.error,
+        }
+        for c in children
+    ]
+    return report

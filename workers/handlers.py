@@ -13,7 +13,9 @@ from typing import Any, cast
 from sqlmodel import Session, select
 
 from pipeline.common import StepError
+from textcls import lifecycle
 from textcls.jobs import (
+    TRAINING_KEYS,
     DistillParams,
     EvaluateParams,
     ExportParams,
@@ -31,12 +33,14 @@ log = logging.getLogger(__name__)
 CHECK_TEXTS = 64
 
 
-def _need_format(model: Model, allowed: set[str], kind: str) -> None:
-    if model.format not in allowed:
+def _model_of_format(ctx: JobContext, model_id: int, allowed: str, kind: str) -> tuple[Model, Path]:
+    """The source model of a step that takes one format, and its folder."""
+    model, folder = ctx.model(model_id)
+    if model.format != allowed:
         raise StepError(
-            f"{kind} needs a model of format {' or '.join(sorted(allowed))}; "
-            f"model {model.id} is {model.format}"
+            f"{kind} needs a model of format {allowed}; model {model.id} is {model.format}"
         )
+    return model, folder
 
 
 def _check_texts(ctx: JobContext, dataset_id: int | None) -> list[str] | None:
@@ -90,22 +94,14 @@ def _derived(
 
 def _training_kwargs(ctx: JobContext, p: TrainingParams) -> dict[str, Any]:
     """The common training parameters, as every training-like step takes them."""
-    return {
-        "epochs": p.epochs,
-        "batch_size": p.batch_size,
-        "learning_rate": p.learning_rate,
-        "max_length": p.max_length,
-        "seed": p.seed,
-        "progress": ctx.progress,
-    }
+    return {**{k: getattr(p, k) for k in TRAINING_KEYS}, "progress": ctx.progress}
 
 
 def _pytorch_input(
     ctx: JobContext, model_id: int, dataset_id: int, kind: str
 ) -> tuple[Model, Path, Path]:
     """A pytorch source model and a dataset whose labels it covers."""
-    model, model_dir = ctx.model(model_id)
-    _need_format(model, {ModelFormat.pytorch}, kind)
+    model, model_dir = _model_of_format(ctx, model_id, ModelFormat.pytorch, kind)
     ds, data_path = ctx.dataset(dataset_id)
     _check_labels(model, ds.num_labels, dataset_id)
     return model, model_dir, data_path
@@ -202,8 +198,7 @@ def run_export(ctx: JobContext) -> Outcome:
     from pipeline.export import export_onnx
 
     p = cast(ExportParams, ctx.params)
-    model, model_dir = ctx.model(p.model_id)
-    _need_format(model, {ModelFormat.pytorch}, "export")
+    model, model_dir = _model_of_format(ctx, p.model_id, ModelFormat.pytorch, "export")
     result = export_onnx(
         model_dir,
         ctx.out_dir(),
@@ -220,8 +215,7 @@ def run_fp16(ctx: JobContext) -> Outcome:
     from pipeline.optimize import to_fp16
 
     p = cast(Fp16Params, ctx.params)
-    model, model_dir = ctx.model(p.model_id)
-    _need_format(model, {ModelFormat.onnx}, "fp16")
+    model, model_dir = _model_of_format(ctx, p.model_id, ModelFormat.onnx, "fp16")
     result = to_fp16(
         model_dir,
         ctx.out_dir(),
@@ -237,8 +231,7 @@ def run_quantize(ctx: JobContext) -> Outcome:
     from pipeline.quantize import quantize_int8
 
     p = cast(QuantizeParams, ctx.params)
-    model, model_dir = ctx.model(p.model_id)
-    _need_format(model, {ModelFormat.onnx}, "quantize")
+    model, model_dir = _model_of_format(ctx, p.model_id, ModelFormat.onnx, "quantize")
     result = quantize_int8(
         model_dir,
         ctx.out_dir(),
@@ -293,7 +286,5 @@ def run_evaluate(ctx: JobContext) -> Outcome:
 @handler("pipeline")
 def run_pipeline(ctx: JobContext) -> Outcome:
     """Plan and submit the first step; the children drive the rest."""
-    from workers.orchestrator import start
-
-    start(ctx.job_id)
+    lifecycle.advance(ctx.job_id)
     return Outcome(detach=True)

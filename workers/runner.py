@@ -16,45 +16,22 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from sqlalchemy import update
 from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlmodel import Session, col
+from sqlmodel import Session
 
 from pipeline.common import JobCancelled, StepError
 from pipeline.runtime import torch_threads
-from textcls.db import session_scope
-from textcls.jobs import JobParams, parse_params
-from textcls.models import Dataset, Job, JobStatus, Model, utcnow
+from textcls import lifecycle
+from textcls.db import retry_db, session_scope
+from textcls.jobs import JobParams, parse_params, user_params
+from textcls.models import Dataset, Job, JobStatus, Model
 from textcls.records import add_model
 from textcls.settings import get_settings
 from textcls.store import ArtifactStore
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-
-def retry_db(fn: Callable[[], T], what: str, seconds: float | None = None) -> T:
-    """Call ``fn``, retrying while the database is unreachable, for up to ``seconds``.
-
-    For a job's final bookkeeping: its work is done and must not be thrown away
-    because the database blinked. The heartbeat thread keeps the job alive
-    meanwhile, as soon as the database is back.
-    """
-    limit = get_settings().db_retry_seconds if seconds is None else seconds
-    deadline = time.monotonic() + limit
-    pause = 0.5
-    while True:
-        try:
-            return fn()
-        except (OperationalError, InterfaceError) as exc:
-            if time.monotonic() + pause > deadline:
-                raise
-            log.warning("%s: database unavailable (%s); retrying", what, str(exc).splitlines()[0])
-            time.sleep(pause)
-            pause = min(pause * 2, 5.0)
 
 
 @dataclass
@@ -162,25 +139,13 @@ class Heartbeat:
         self._thread.join(timeout=10)
 
     def update(self, values: dict[str, Any]) -> None:
-        """Update the job row if this attempt still owns it."""
-        values = {**values, "heartbeat_at": utcnow(), "updated_at": utcnow()}
-        with session_scope() as s:
-            res = s.exec(
-                update(Job)
-                .where(col(Job.id) == self.job_id)
-                .where(col(Job.attempt) == self.attempt)
-                .where(col(Job.status) == JobStatus.running)
-                .values(**values)
-            )
-            s.commit()
-            if res.rowcount == 0:
-                # Reaped, or the row changed hands: stop working on it.
-                self.lost.set()
-                self.cancelled.set()
-                return
-            job = s.get(Job, self.job_id)
-            if job is not None and job.cancel_requested:
-                self.cancelled.set()
+        """Record ``values`` (progress, stage) if this attempt still owns the job."""
+        result = lifecycle.beat(self.job_id, self.attempt, **values)
+        if not result.owned:
+            # Reaped, or the row changed hands: stop working on it.
+            self.lost.set()
+        if result.cancel_requested:
+            self.cancelled.set()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -202,77 +167,12 @@ def handler(kind: str) -> Callable[[Handler], Handler]:
     return register
 
 
-def _transition(job_id: int, attempt: int, current: JobStatus, **values: Any) -> bool:
-    """Update the job only if it is still at ``attempt`` in ``current``: the fencing
-    that keeps a redelivered message or a stale worker from touching a job it lost."""
-    with session_scope() as s:
-        res = s.exec(
-            update(Job)
-            .where(col(Job.id) == job_id)
-            .where(col(Job.attempt) == attempt)
-            .where(col(Job.status) == current)
-            .values(updated_at=utcnow(), **values)
-        )
-        s.commit()
-        return bool(res.rowcount)
-
-
-def claim(job_id: int, attempt: int, worker: str) -> Job | None:
-    """Move a queued job to running for this attempt; None if it is not ours to run."""
-    now = utcnow()
-    claimed = _transition(
-        job_id,
-        attempt,
-        JobStatus.queued,
-        status=JobStatus.running,
-        started_at=now,
-        heartbeat_at=now,
-        worker=worker[:200],
-        progress=0.0,
-        stage="starting",
-    )
-    if not claimed:
-        return None
-    # The job is ours now: reading it back must outlast a database blip, or it
-    # would sit "running" with nobody on it until the reaper requeues it.
-    return retry_db(lambda: _read_job(job_id), f"job {job_id}")
-
-
-def _read_job(job_id: int) -> Job | None:
-    with session_scope() as s:
-        job = s.get(Job, job_id)
-        if job is not None:
-            s.expunge(job)
-        return job
-
-
-def finish(job_id: int, attempt: int, status: JobStatus, **values: Any) -> bool:
-    """Set a final status if this attempt still owns the running job."""
-    return _transition(
-        job_id, attempt, JobStatus.running, status=status, finished_at=utcnow(), **values
-    )
-
-
 def _register(ctx: JobContext, job_id: int, attempt: int, outcome: Outcome) -> bool:
     """Register the model (folder moved into place) and mark the job succeeded, atomically."""
     store = ctx.store
-    with session_scope() as s:
-        job = s.get(Job, job_id)
-        if (
-            job is not None
-            and job.status == JobStatus.succeeded
-            and job.attempt == attempt
-            and job.finished_at is not None
-        ):
-            # An earlier try's commit reached the database although the client
-            # saw an error: put the model folder in place again and be done.
-            if outcome.model is not None and job.output_model_id is not None:
-                model_row = s.get(Model, job.output_model_id)
-                if model_row is not None and outcome.model.folder.exists():
-                    store.commit(outcome.model.folder, model_row.path)
-            return True
-        if job is None or job.status != JobStatus.running or job.attempt != attempt:
-            return False
+    placed: list[str] = []
+
+    def record(s: Session, job: Job) -> int | None:
         model: Model | None = None
         if outcome.model is not None:
             nm = outcome.model
@@ -287,24 +187,24 @@ def _register(ctx: JobContext, job_id: int, attempt: int, outcome: Outcome) -> b
                 job_id=job_id,
                 info=nm.info,
             )
+            placed.append(model.path)
         if outcome.on_success is not None:
             outcome.on_success(s, job, model)
-        now = utcnow()
-        job.status = JobStatus.succeeded
-        job.progress = 1.0
-        job.stage = "done"
-        job.metrics = outcome.metrics
-        job.output_model_id = model.id if model is not None else None
-        job.finished_at = now
-        job.updated_at = now
-        s.add(job)
-        try:
-            s.commit()
-        except Exception:
-            if model is not None and model.path and outcome.model is not None:
-                _unplace(store, model.path, outcome.model.folder)
-            raise
-        return True
+        return model.id if model is not None else None
+
+    def replay(s: Session, job: Job) -> None:
+        # An earlier try's commit reached the database although the client saw
+        # an error: put the model folder in place again and be done.
+        if outcome.model is not None and job.output_model_id is not None:
+            model_row = s.get(Model, job.output_model_id)
+            if model_row is not None and outcome.model.folder.exists():
+                store.commit(outcome.model.folder, model_row.path)
+
+    def undo() -> None:
+        if placed and outcome.model is not None:
+            _unplace(store, placed[0], outcome.model.folder)
+
+    return lifecycle.succeed(job_id, attempt, outcome.metrics, record, replay=replay, undo=undo)
 
 
 def _unplace(store: ArtifactStore, relpath: str, staged: Path) -> None:
@@ -318,17 +218,8 @@ def _unplace(store: ArtifactStore, relpath: str, staged: Path) -> None:
 
 def execute_job(job_id: int, attempt: int, worker: str = "worker") -> str:
     """Run one job to a final state; returns what happened (for logs and tests)."""
-    result = _execute(job_id, attempt, worker)
-    if result in {"succeeded", "failed", "cancelled"}:
-        from workers.orchestrator import child_finished
-
-        child_finished(job_id)
-    return result
-
-
-def _execute(job_id: int, attempt: int, worker: str) -> str:
     settings = get_settings()
-    job = claim(job_id, attempt, worker)
+    job = lifecycle.claim(job_id, attempt, worker)
     if job is None:
         log.info(
             "job %s attempt %s: not queued for this attempt, skipping message", job_id, attempt
@@ -339,10 +230,7 @@ def _execute(job_id: int, attempt: int, worker: str) -> str:
     with Heartbeat(job_id, attempt, settings.heartbeat_interval) as beat:
         ctx: JobContext | None = None
         try:
-            # Keys starting with "_" are bookkeeping (a pipeline step's name),
-            # never user input: the API rejects them.
-            user_params = {k: v for k, v in (job.params or {}).items() if not k.startswith("_")}
-            params = parse_params(job.kind, user_params)
+            params = parse_params(job.kind, user_params(job.params))
             fn = HANDLERS.get(job.kind)
             if fn is None:
                 raise StepError(f"no handler for job kind {job.kind!r}")
@@ -362,12 +250,8 @@ def _execute(job_id: int, attempt: int, worker: str) -> str:
             if beat.lost.is_set():
                 return "lost"
             retry_db(
-                lambda: finish(
-                    job_id,
-                    attempt,
-                    JobStatus.cancelled,
-                    stage="cancelled",
-                    error="cancelled by request",
+                lambda: lifecycle.finish(
+                    job_id, attempt, JobStatus.cancelled, lifecycle.CANCELLED_BY_REQUEST
                 ),
                 f"job {job_id}",
             )
@@ -376,7 +260,7 @@ def _execute(job_id: int, attempt: int, worker: str) -> str:
         except StepError as exc:
             message = str(exc)
             retry_db(
-                lambda: finish(job_id, attempt, JobStatus.failed, stage="failed", error=message),
+                lambda: lifecycle.finish(job_id, attempt, JobStatus.failed, message),
                 f"job {job_id}",
             )
             log.warning("job %s failed: %s", job_id, exc)
@@ -384,7 +268,7 @@ def _execute(job_id: int, attempt: int, worker: str) -> str:
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"[:20000]
             retry_db(
-                lambda: finish(job_id, attempt, JobStatus.failed, stage="failed", error=error),
+                lambda: lifecycle.finish(job_id, attempt, JobStatus.failed, error),
                 f"job {job_id}",
             )
             log.exception("job %s crashed", job_id)

@@ -70,7 +70,15 @@ async def upload_dataset(
         )
     store = ArtifactStore(settings.resolved_artifact_dir())
     # The row and the file appear together or not at all.
-    row = add_dataset(session, store, data, parsed, display)
+    row = add_dataset(
+        session,
+        store,
+        data,
+        name=display,
+        rows=len(parsed),
+        num_labels=parsed.num_labels,
+        label_counts=parsed.label_counts(),
+    )
     try:
         session.commit()
     except Exception:

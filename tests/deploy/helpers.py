@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from pipeline.preprocess import ModelMeta
+from pipeline.contract import ModelMeta
 from tests.stack import Stack
 
 # Enough characters that the tokenizer knows most test sentences.

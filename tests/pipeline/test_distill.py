@@ -12,12 +12,14 @@ import pytest
 import torch
 
 from pipeline.common import JobCancelled, StepError
+from pipeline.contract import ModelMeta
 from pipeline.corpus import Splits
 from pipeline.data import read_tsv, write_tsv
 from pipeline.distill import DistillResult, distill, layer_map, student_from_teacher
 from pipeline.modeling import load_model
-from pipeline.preprocess import ModelMeta, encode, load_tokenizer
-from pipeline.prune import PrunedBertForSequenceClassification, prune
+from pipeline.preprocess import encode, load_tokenizer
+from pipeline.prune import prune
+from pipeline.pruned_bert import PrunedBertForSequenceClassification
 
 MAX_LENGTH = 64  # the trained fixture's
 

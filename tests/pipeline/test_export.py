@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from pipeline.common import StepError
+from pipeline.contract import META_FILE, ONNX_FILE, ModelMeta
 from pipeline.corpus import Splits
 from pipeline.export import export_onnx, main
 from pipeline.modeling import load_model
-from pipeline.preprocess import META_FILE, ModelMeta, encode, load_tokenizer
-from pipeline.runtime import ONNX_FILE
+from pipeline.preprocess import encode, load_tokenizer
 from tests.pipeline.onnx_helpers import io_signature, ort_logits, real_sentences
 
 INT64, FLOAT = onnx.TensorProto.INT64, onnx.TensorProto.FLOAT

@@ -11,11 +11,11 @@ import onnxruntime as ort
 import pytest
 
 from pipeline.common import StepError
+from pipeline.contract import ONNX_FILE, ModelMeta
 from pipeline.corpus import Splits
 from pipeline.export import export_onnx
 from pipeline.optimize import OptimizeResult, main, to_fp16
-from pipeline.preprocess import ModelMeta, load_tokenizer
-from pipeline.runtime import ONNX_FILE
+from pipeline.preprocess import load_tokenizer
 from tests.pipeline.onnx_helpers import (
     io_signature,
     ort_logits,

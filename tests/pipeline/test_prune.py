@@ -12,19 +12,13 @@ import pytest
 import torch
 
 from pipeline.common import StepError
+from pipeline.contract import ModelMeta
 from pipeline.corpus import Splits
 from pipeline.data import read_tsv, write_tsv
 from pipeline.modeling import load_model
-from pipeline.preprocess import ModelMeta, encode, load_tokenizer
-from pipeline.prune import (
-    PRUNED_MODEL_TYPE,
-    PrunedBertForSequenceClassification,
-    PruneResult,
-    main,
-    prune,
-    prune_model,
-    resolve_targets,
-)
+from pipeline.preprocess import encode, load_tokenizer
+from pipeline.prune import PruneResult, main, prune, prune_model, resolve_targets
+from pipeline.pruned_bert import PRUNED_MODEL_TYPE, PrunedBertForSequenceClassification
 
 MAX_LENGTH = 32
 

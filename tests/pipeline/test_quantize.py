@@ -9,12 +9,12 @@ import onnx
 import pytest
 
 from pipeline.common import StepError
+from pipeline.contract import ONNX_FILE, ModelMeta
 from pipeline.corpus import Splits
 from pipeline.data import read_tsv
 from pipeline.export import export_onnx
-from pipeline.preprocess import ModelMeta, load_tokenizer
+from pipeline.preprocess import load_tokenizer
 from pipeline.quantize import QuantizeResult, main, quantize_int8
-from pipeline.runtime import ONNX_FILE
 from tests.pipeline.onnx_helpers import io_signature, ort_logits, relabel
 
 INT64, FLOAT = onnx.TensorProto.INT64, onnx.TensorProto.FLOAT

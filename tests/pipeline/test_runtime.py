@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from pipeline.common import StepError
+from pipeline.contract import ModelMeta
 from pipeline.corpus import Splits
 from pipeline.data import read_tsv
 from pipeline.modeling import copy_tokenizer_and_meta, load_model
-from pipeline.preprocess import ModelMeta, encode, load_tokenizer
+from pipeline.preprocess import encode, load_tokenizer
 from pipeline.runtime import CPU_DISABLED_OPTIMIZERS, Predictor, load_predictor
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

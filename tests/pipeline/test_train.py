@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from pipeline.common import JobCancelled, StepError
+from pipeline.contract import META_FILE, ModelMeta
 from pipeline.corpus import Splits
-from pipeline.data import Dataset, read_tsv, write_tsv
-from pipeline.preprocess import META_FILE, ModelMeta, encode
+from pipeline.data import Examples, read_tsv, write_tsv
+from pipeline.preprocess import encode
 from pipeline.train import (
     TrainResult,
     iter_batches,
@@ -32,7 +33,7 @@ MIN_TEST_ACCURACY = 0.65
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-def _accuracy(model: Any, tokenizer: Any, data: Dataset) -> float:
+def _accuracy(model: Any, tokenizer: Any, data: Examples) -> float:
     logits = predict_dataset(
         model, tokenizer, data, batch_size=64, max_length=64, device=torch.device("cpu")
     )
@@ -176,7 +177,7 @@ def test_single_class_data_is_rejected(tmp_path: Path) -> None:
 
 
 def test_stratified_split_is_seeded_and_balanced() -> None:
-    data = Dataset(
+    data = Examples(
         texts=[f"t{i}" for i in range(100)],
         labels=[0] * 70 + [1] * 29 + [2],
         indices=[str(i) for i in range(100)],

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launch.embedded import start_redis
+from launch.procs import Proc, ProcessGroup, free_port
 from tests.stack import FINAL, Stack
-from textcls.embedded import Proc, ProcessGroup, free_port, start_redis
 
 TINY_TEXTS = ["这个东西很好用", "太差了", "还可以", "质量一般", "非常喜欢", "不会再买了"]
 TINY_TSV = "index\tsentence\tlabel\n" + "".join(

@@ -63,7 +63,7 @@ def test_every_kind_of_disagreement_is_named(tmp_path: Path) -> None:
 
 
 def test_cli_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from textcls.cli import app
+    from launch.cli import app
 
     session, store = _store(tmp_path)
     session.close()

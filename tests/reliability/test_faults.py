@@ -20,6 +20,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
+from launch.procs import Proc, free_port
 from tests.deploy.helpers import build_model_folder, register_model, wait_serving
 from tests.reliability.helpers import (
     TINY_TSV,
@@ -30,7 +31,6 @@ from tests.reliability.helpers import (
 )
 from tests.reliability.proxy import TcpProxy
 from tests.stack import Stack, create_pg_database
-from textcls.embedded import Proc, free_port
 
 
 @dataclass

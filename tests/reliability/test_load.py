@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from launch.services import worker_command
 from tests.deploy.helpers import register_model, wait_serving
 from tests.reliability.helpers import (
     TINY_TEXTS,
@@ -19,7 +20,6 @@ from tests.reliability.helpers import (
     wait_all_final,
 )
 from tests.stack import Stack, create_pg_database
-from textcls.embedded import worker_command
 
 BURST = 1000
 CLIENTS = 16

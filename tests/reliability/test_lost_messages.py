@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session
 
+from launch.procs import free_port
 from textcls.db import engine_for, migrate
-from textcls.embedded import free_port
 from textcls.models import Job, JobStatus, utcnow
-from workers.broker import job_messages, job_of_message, queue_keys
+from textcls.queue import job_messages, job_of_message, queue_keys
 
 REPO = Path(__file__).resolve().parents[2]
 _broker_db = 13  # a Redis database number no other test's workers consume
@@ -67,7 +67,7 @@ def _job(url: str, age_s: float, **fields: object) -> int:
         return job.id
 
 
-SWEEP = "from workers.reaper import requeue_lost_messages\nout = requeue_lost_messages()"
+SWEEP = "from textcls.lifecycle import resend_lost_messages\nout = resend_lost_messages()"
 
 
 def test_resends_lost_cancels_orphaned_steps_leaves_the_rest(env: dict[str, str]) -> None:
@@ -79,9 +79,7 @@ def test_resends_lost_cancels_orphaned_steps_leaves_the_rest(env: dict[str, str]
     orphan = _job(url, 120, parent_id=parent)
     running = _job(url, 120, status=JobStatus.running)
     # A real message for one job; the others' messages are "lost".
-    _in_process(
-        env, f"from workers.celery_app import send_job\nout = send_job({in_broker}, 0, 'cpu')"
-    )
+    _in_process(env, f"from textcls.queue import send_job\nout = send_job({in_broker}, 0, 'cpu')")
     assert job_messages(env["TEXTCLS_BROKER_URL"], ["cpu"]) == {(in_broker, 0)}
 
     actions = _in_process(env, SWEEP)

@@ -67,10 +67,10 @@ def test_the_scanner_catches_what_it_looks_for() -> None:
 
 
 def test_celery_accepts_json_only() -> None:
-    from workers.celery_app import celery_app
+    from textcls.queue import celery_app
 
-    assert list(celery_app.conf.accept_content) == ["json"]
-    assert celery_app.conf.task_serializer == "json"
+    assert list(celery_app().conf.accept_content) == ["json"]
+    assert celery_app().conf.task_serializer == "json"
 
 
 def test_secrets_come_only_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

