@@ -36,6 +36,14 @@ def newest_first(
     return stmt.offset(max(0, offset)).limit(max(1, min(limit, MAX_PAGE)))
 
 
+def where_given(stmt: SelectOfScalar[Row], *filters: tuple[Any, Any]) -> SelectOfScalar[Row]:
+    """``stmt`` narrowed by each ``(column, value)`` whose value was given (not None)."""
+    for column, value in filters:
+        if value is not None:
+            stmt = stmt.where(column == value)
+    return stmt
+
+
 def get_or_404(session: Session, table: type[Row], row_id: int, what: str) -> Row:
     """The row with ``row_id``, or a 404 that names what was not found."""
     row = session.get(table, row_id)

@@ -53,9 +53,10 @@ from bench.common import (
     tree_cpu_seconds,
 )
 from bench.loadgen import KeepAliveClient, closed_loop, predict_bodies, sequential
-from bench.stackutil import bench_stack, prometheus_values, wait_healthy, wait_ready
+from bench.stackutil import bench_stack, prometheus_values, wait_healthy
 from launch.procs import free_port
 from launch.services import inference_command, python
+from textcls.client import wait_ready
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def start_servers(
     for name, info in servers.items():
         wait_healthy(info["url"])
         if info["model_id"] is not None:
-            wait_ready(info["url"], info["model_id"])
+            wait_ready(info["url"], info["model_id"], timeout=180)
         log.info("%s ready at %s (%s)", name, info["url"], info["model"])
     return servers
 

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -161,22 +160,6 @@ def bench_stack(
 
 def wait_healthy(url: str, timeout: float = 120.0) -> None:
     wait_for(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, timeout, url)
-
-
-def wait_ready(url: str, model_id: int, timeout: float = 180.0) -> dict[str, Any]:
-    """Wait until an inference worker serves ``model_id``; returns its /ready body."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.get(f"{url}/ready", timeout=5)
-            last = r.json()
-            if r.status_code == 200 and last.get("model_id") == model_id:
-                return dict(last)
-        except (httpx.HTTPError, ValueError) as exc:
-            last = repr(exc)
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not serve model {model_id} within {timeout:.0f} s: {last}")
 
 
 def prometheus_values(url: str) -> dict[str, float]:

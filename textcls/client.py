@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,27 @@ def format_detail(detail: Any) -> str:
                 parts.append(str(err))
         return "; ".join(parts)
     return str(detail)
+
+
+def wait_ready(inference_url: str, model_id: int, timeout: float = 90.0) -> dict[str, Any]:
+    """Wait until the inference worker at ``inference_url`` serves ``model_id``.
+
+    Returns its ``/ready`` body; raises TimeoutError naming the last answer.
+    """
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{inference_url}/ready", timeout=5)
+            last = r.json()
+            if r.status_code == 200 and last.get("model_id") == model_id:
+                return dict(last)
+        except (httpx.HTTPError, ValueError) as exc:
+            last = repr(exc)
+        time.sleep(0.1)
+    raise TimeoutError(
+        f"{inference_url} did not serve model {model_id} within {timeout:.0f} s: {last}"
+    )
 
 
 class Client:

@@ -20,6 +20,7 @@ from api.deps import (
     WriteAccess,
     get_or_404,
     newest_first,
+    where_given,
 )
 from api.report_html import render_report
 from textcls import lifecycle
@@ -96,13 +97,9 @@ def list_jobs(
     limit: int = 100,
     offset: Offset = 0,
 ) -> list[Job]:
-    stmt = select(Job)
-    if status_filter is not None:
-        stmt = stmt.where(Job.status == status_filter)
-    if kind is not None:
-        stmt = stmt.where(Job.kind == kind)
-    if parent_id is not None:
-        stmt = stmt.where(Job.parent_id == parent_id)
+    stmt = where_given(
+        select(Job), (Job.status, status_filter), (Job.kind, kind), (Job.parent_id, parent_id)
+    )
     return list(session.exec(newest_first(stmt, Job.id, limit, offset)))
 
 

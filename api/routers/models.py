@@ -5,7 +5,16 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlmodel import Session, col, select
 
-from api.deps import FilterId, NameFilter, Offset, PathId, SessionDep, get_or_404, newest_first
+from api.deps import (
+    FilterId,
+    NameFilter,
+    Offset,
+    PathId,
+    SessionDep,
+    get_or_404,
+    newest_first,
+    where_given,
+)
 from textcls.models import Evaluation, EvaluationPublic, Model, ModelPublic
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -31,13 +40,9 @@ def list_models(
     limit: int = 100,
     offset: Offset = 0,
 ) -> list[ModelPublic]:
-    stmt = select(Model)
-    if format is not None:
-        stmt = stmt.where(Model.format == format)
-    if parent_id is not None:
-        stmt = stmt.where(Model.parent_id == parent_id)
-    if job_id is not None:
-        stmt = stmt.where(Model.job_id == job_id)
+    stmt = where_given(
+        select(Model), (Model.format, format), (Model.parent_id, parent_id), (Model.job_id, job_id)
+    )
     return [
         to_public(session, m) for m in session.exec(newest_first(stmt, Model.id, limit, offset))
     ]

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from pipeline.contract import ModelMeta
 from tests.stack import Stack
+from textcls.client import wait_ready
 
 # Enough characters that the tokenizer knows most test sentences.
 VOCAB_TEXT = "".join(
@@ -82,15 +80,4 @@ def register_model(
 
 def wait_serving(url: str, model_id: int, timeout: float = 90.0) -> dict[str, Any]:
     """Wait until the inference worker at ``url`` reports ``model_id`` ready."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.get(f"{url}/ready", timeout=5)
-            last = r.json()
-            if r.status_code == 200 and last.get("model_id") == model_id:
-                return dict(last)
-        except httpx.HTTPError as exc:
-            last = repr(exc)
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} did not serve model {model_id} within {timeout} s: {last}")
+    return wait_ready(url, model_id, timeout)
