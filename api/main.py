@@ -9,12 +9,16 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from api import console
 from api.limits import BodyLimitMiddleware
-from api.routers import datasets, deployments, jobs, models
+from api.metrics import ControlPlaneMetrics, RequestMetricsMiddleware
+from api.routers import datasets, deployments, inference, joblogs, jobs, models, retention
 from textcls import __version__, lifecycle
+from textcls.db import SingletonLock
 from textcls.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -22,10 +26,18 @@ log = logging.getLogger(__name__)
 
 class Reaper:
     """Background thread running the lifecycle's sweeps: requeue or fail jobs whose
-    worker went silent, and send again the messages of queued jobs the broker lost."""
+    worker went silent, send again the messages of queued jobs the broker lost,
+    and advance pipelines stalled with every step final.
 
-    def __init__(self, interval: float) -> None:
+    With several API processes on one database, only the one holding the
+    ``reaper`` :class:`~textcls.db.SingletonLock` sweeps; another takes over
+    within a sweep interval of its death.
+    """
+
+    def __init__(self, interval: float, metrics: ControlPlaneMetrics | None = None) -> None:
         self.interval = interval
+        self.metrics = metrics
+        self.lock = SingletonLock("reaper")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reaper", daemon=True)
 
@@ -35,29 +47,38 @@ class Reaper:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        self.lock.release()
 
     def _run(self) -> None:
         # Looking for lost messages reads the broker's queues: not every sweep.
         lost_every = max(self.interval, get_settings().requeue_lost_after / 2)
         next_lost = time.monotonic() + lost_every
         while not self._stop.wait(self.interval):
-            sweeps: list[Callable[[], object]] = [lifecycle.requeue_stale_jobs]
+            if not self.lock.held():
+                continue  # another API process sweeps
+            sweeps: list[Callable[[], object]] = [
+                lifecycle.requeue_stale_jobs,
+                lifecycle.advance_stalled_pipelines,
+            ]
             if time.monotonic() >= next_lost:
                 sweeps.append(lifecycle.resend_lost_messages)
                 next_lost = time.monotonic() + lost_every
             for sweep in sweeps:
                 try:
-                    sweep()
+                    actions = sweep()
+                    if self.metrics is not None:
+                        self.metrics.record_sweep(sweep.__name__, actions)
                 except Exception:  # the database may be briefly away
                     log.warning("reaper sweep %s failed", sweep.__name__, exc_info=True)
 
 
 def create_app(*, reaper: bool = True) -> FastAPI:
     settings = get_settings()
+    metrics = ControlPlaneMetrics()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        sweeper = Reaper(settings.reaper_interval) if reaper else None
+        sweeper = Reaper(settings.reaper_interval, metrics) if reaper else None
         if sweeper is not None:
             sweeper.start()
         yield
@@ -77,10 +98,17 @@ def create_app(*, reaper: bool = True) -> FastAPI:
         max_request_bytes=settings.max_request_bytes,
         max_upload_bytes=settings.max_upload_bytes,
     )
+    # Outermost, so refusals (413) and errors are counted too.
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.state.metrics = metrics
     app.include_router(datasets.router)
     app.include_router(jobs.router)
+    app.include_router(joblogs.router)
     app.include_router(models.router)
     app.include_router(deployments.router)
+    app.include_router(retention.router)
+    app.include_router(inference.router)
+    app.include_router(console.router)
 
     # Connection-level database errors only: a bad statement or a constraint
     # violation is a bug, not an outage, and must not read "try again shortly".
@@ -97,6 +125,12 @@ def create_app(*, reaper: bool = True) -> FastAPI:
     @app.get("/health", tags=["meta"])
     def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
+
+    @app.get("/metrics", tags=["meta"], response_class=Response)
+    def prometheus_metrics() -> Response:
+        """Prometheus metrics: requests, latency, jobs by kind and status, queue depth,
+        reaper actions (see ``api/metrics.py``)."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -6,7 +6,7 @@ import html
 from typing import Any
 
 from textcls.report import REPORT_COLUMNS as COLUMNS
-from textcls.report import format_cell
+from textcls.report import format_cell, report_rows
 
 
 def _fmt(key: str, value: Any) -> str:
@@ -69,12 +69,21 @@ def _chart(variants: list[dict[str, Any]], width: int = 640, height: int = 360) 
     return "".join(parts)
 
 
+def _verdict(verdict: str | None) -> str:
+    if not verdict:
+        return ""
+    cls = "verdict below" if verdict.startswith("BELOW BASELINE") else "verdict"
+    return f'<p class="{cls}" id="verdict">{html.escape(verdict)}</p>'
+
+
 def render_report(report: dict[str, Any], status: str) -> str:
     variants = report.get("variants", [])
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label in COLUMNS)
     rows = []
-    for v in variants:
+    for v in report_rows(report):
         cls = ' class="chosen"' if v.get("chosen") else ""
+        if v.get("model_id") is None:
+            cls = ' class="baseline"'  # the TF-IDF yardstick: not a model of the pipeline
         cells = "".join(f"<td>{_fmt(k, v.get(k))}</td>" for k, _ in COLUMNS)
         rows.append(f"<tr{cls}>{cells}</tr>")
     chosen = report.get("chosen_model_id")
@@ -87,6 +96,8 @@ table {{ border-collapse: collapse; margin: 1em 0; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
 th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}
 tr.chosen {{ background: #fff3c4; font-weight: bold; }}
+tr.baseline {{ color: #555; font-style: italic; }}
+p.verdict {{ font-weight: bold; }} p.below {{ color: #b00020; }}
 .legend span {{ margin-right: 1.5em; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
@@ -96,6 +107,7 @@ Accuracy budget: at most <b>{report.get("max_accuracy_drop")}</b> points below t
 ({_fmt("accuracy", report.get("baseline_accuracy"))}) on dataset {report.get("eval_dataset_id")}.
 Chosen: <b>{f"model {chosen}" if chosen is not None else "none yet"}</b>
 — {html.escape(str(report.get("selection", "")))}.</p>
+{_verdict(report.get("verdict"))}
 <table id="variants"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>
 <h2>Accuracy against latency</h2>
 <p class="legend"><span style="color:#d62728">● chosen</span>

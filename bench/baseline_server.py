@@ -1,18 +1,26 @@
-"""The serving baseline: what the seed's ``deploy/`` did, as a plain FastAPI app.
+"""The serving baselines: hand-written FastAPI apps, the same request shapes as the worker.
 
-One PyTorch model (the fp32 teacher), a synchronous endpoint whose model call
-holds a lock (one request at a time, whatever the concurrency), and every
-input padded to the model's ``max_length`` — no dynamic padding, no batching
-across requests, no compression. Same request and response shapes as the
-inference worker (``{"text": str | [str]}`` -> ``categories`` /
-``probabilities``), so one load generator drives both.
+* :func:`create_handwritten_app` (``--onnx``) — what a user would write instead
+  of adopting textcls: FastAPI + onnxruntime on the same ``model.onnx`` the
+  worker serves, a synchronous route (Starlette's thread pool runs requests
+  concurrently), the tokenizer's own padding, no batching across requests.
+* :func:`create_app` — what the seed's ``deploy/`` did: one PyTorch model
+  (the fp32 teacher), a synchronous endpoint whose model call holds a lock
+  (one request at a time, whatever the concurrency), and every input padded
+  to the model's ``max_length`` — no dynamic padding, no batching across
+  requests, no compression.
 
-Run: ``python -m bench.baseline_server --model DIR --port 8011 [--threads N]``.
+Same request and response shapes as the inference worker (``{"text": str |
+[str]}`` -> ``categories`` / ``probabilities``), so one load generator drives
+them all.
+
+Run: ``python -m bench.baseline_server --model DIR --port 8011 [--threads N] [--onnx]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import threading
@@ -78,9 +86,49 @@ def create_app(model_dir: Path, threads: int | None = None) -> FastAPI:
     return app
 
 
+def create_handwritten_app(model_dir: Path, threads: int | None = None) -> FastAPI:
+    """FastAPI + onnxruntime, one request per ``session.run``, as a user would write it."""
+    import numpy as np
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    max_length = int(json.loads((model_dir / "textcls.json").read_text())["max_length"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads or 0)
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), opts)
+    names = [i.name for i in session.get_inputs()]
+    # Fast tokenizers fail with "Already borrowed" when threads call them at once.
+    tok_lock = threading.Lock()
+    app = FastAPI(title="hand-written FastAPI + onnxruntime server")
+
+    @app.post("/predict")
+    def predict(body: PredictIn) -> dict[str, Any]:
+        texts = [body.text] if isinstance(body.text, str) else body.text
+        with tok_lock:
+            enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length,
+                            return_tensors="np")  # fmt: skip
+        (logits,) = session.run(None, {n: enc[n].astype(np.int64) for n in names})
+        e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs = e / e.sum(axis=-1, keepdims=True)
+        labels, best = probs.argmax(axis=-1), probs.max(axis=-1)
+        if isinstance(body.text, str):
+            return {"categories": int(labels[0]), "probabilities": float(best[0])}
+        return {"categories": labels.tolist(), "probabilities": best.tolist()}
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--model", type=Path, required=True, help="pytorch model folder")
+    p.add_argument("--model", type=Path, required=True, help="model folder")
+    p.add_argument(
+        "--onnx", action="store_true", help="the hand-written onnxruntime app (an onnx folder)"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8011)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -88,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import uvicorn
 
-    app = create_app(args.model, args.threads)
+    factory = create_handwritten_app if args.onnx else create_app
+    app = factory(args.model, args.threads)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 

@@ -7,11 +7,13 @@ is promoted or rolled back (see :mod:`deploy.registry`).
 
 Request and response shapes are the seed's, exactly::
 
-    {"text": "一句话"}          -> {"categories": 3, "probabilities": 0.97, "model_id": 7}
+    {"text": "一句话"}          -> {"categories": 3, "probabilities": 0.97, "model_id": 7, ...}
     {"text": ["一句", "两句"]}  -> {"categories": [3, 0], "probabilities": [0.97, 0.88], ...}
 
 ``probabilities`` is the softmax probability of the predicted class; the extra
-``model_id`` key names the model that produced the whole response.
+``labels`` key gives the predicted classes' names (from the training data, or
+the id as a string where it named none) and ``model_id`` names the model that
+produced the whole response.
 """
 
 from __future__ import annotations
@@ -167,6 +169,12 @@ def _run_model(model: LoadedModel, texts: list[str]) -> tuple[Any, Any]:
     return model.predictor.predict(texts)
 
 
+def _label_names(model: LoadedModel, categories: list[int]) -> list[str]:
+    """The name of each predicted class (its id as a string where the model names none)."""
+    names: list[str] = list(getattr(model.predictor, "label_names", None) or [])
+    return [names[c] if 0 <= c < len(names) else str(c) for c in categories]
+
+
 def _text_cost(model: LoadedModel, text: str) -> int:
     # The batcher's character estimate, capped where the tokenizer truncates.
     return min(char_length(model, text), int(getattr(model.predictor, "max_length", 512)))
@@ -209,11 +217,12 @@ def create_app(
         _run_model,
         max_batch_size=settings.batch_max_size,
         max_wait_s=settings.batch_max_wait_ms / 1000.0,
-        chunk_size=settings.predict_chunk_size,
+        max_queue_s=settings.batch_max_queue_ms / 1000.0,
         adaptive_wait=settings.batch_adaptive_wait,
         length_of=_text_cost,
         call_overhead_tokens=settings.batch_call_overhead_tokens,
         on_batch=metrics.batch_size.observe,
+        on_queue_age=metrics.queue_age.observe,
     )
     metrics.queued.set_function(lambda: batcher.queued_texts)
 
@@ -282,12 +291,23 @@ def create_app(
         finally:
             model.release()
         metrics.texts.inc(len(texts))
+        names = _label_names(model, labels)
         if single:
             return JSONResponse(
-                {"categories": labels[0], "probabilities": probs[0], "model_id": model.model_id}
+                {
+                    "categories": labels[0],
+                    "probabilities": probs[0],
+                    "labels": names[0],
+                    "model_id": model.model_id,
+                }
             )
         return JSONResponse(
-            {"categories": labels, "probabilities": probs, "model_id": model.model_id}
+            {
+                "categories": labels,
+                "probabilities": probs,
+                "labels": names,
+                "model_id": model.model_id,
+            }
         )
 
     @app.post(
@@ -325,7 +345,11 @@ def create_app(
         },
     )
     async def predict(request: Request) -> JSONResponse:
-        """``{"text": str | [str]}`` -> ``{"categories", "probabilities", "model_id"}``."""
+        """``{"text": str | [str]}`` -> ``{"categories", "probabilities", "labels", "model_id"}``.
+
+        ``labels`` names the predicted classes (the id as a string where the
+        training data named none).
+        """
         started = time.perf_counter()
         status = 500
         try:
@@ -358,8 +382,8 @@ def create_app(
 
     @app.get("/metrics", tags=["meta"])
     async def prometheus_metrics() -> Response:
-        # async on purpose: the queue gauge reads the batcher's deque, which only
-        # the event loop thread may touch.
+        # async: answered on the event loop, no thread-pool hop (the queue gauge
+        # takes the batcher's lock for a moment).
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -44,6 +44,13 @@ class InferenceMetrics:
         self.load_failures = Counter(
             "textcls_model_load_failures", "Model loads that failed", registry=self.registry
         )
+        self.queue_age = Histogram(
+            "textcls_batch_queue_age_seconds",
+            "How long each text waited in the batching queue before its model call "
+            "(bounded by TEXTCLS_BATCH_MAX_QUEUE_MS plus the calls serving older texts)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
         self.queued = Gauge(
             "textcls_batch_queue_texts", "Texts waiting for a model call", registry=self.registry
         )

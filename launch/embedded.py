@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.procs import ProcessGroup, free_port, port_open, process_group, wait_for
+from launch.procs import Proc, ProcessGroup, free_port, port_open, process_group, wait_for
 from launch.services import api_command, inference_command, worker_command
+from launch.supervisor import exit_reason
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,34 @@ def start_embedded_postgres(data_dir: Path) -> tuple[str, object]:
 # --------------------------------------------------------------------------- the stack
 
 
+def wait_healthy(group: ProcessGroup, url: str, what: str, timeout: float = 90) -> None:
+    """Wait for ``url``/health; a child that dies meanwhile fails the startup at once."""
+    import httpx
+
+    def healthy() -> bool:
+        dead = [p for p in group.procs if not p.alive()]
+        if dead:
+            raise ChildDied(dead[0])
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    deadline = time.monotonic() + timeout
+    while not healthy():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not come up within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+class ChildDied(RuntimeError):
+    def __init__(self, proc: Proc) -> None:
+        super().__init__(
+            f"{proc.name} {exit_reason(proc.popen.returncode)} during startup; "
+            f"last lines of its log:\n{proc.tail(20)}"
+        )
+
+
 @dataclass
 class StackURLs:
     api: str
@@ -98,7 +128,8 @@ def embedded_stack(
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_dir = data_dir / "logs"
-    with process_group(log_dir=None if not quiet else log_dir) as group:
+    # die_with_parent: no child outlives this process, even one killed by SIGKILL.
+    with process_group(log_dir=None if not quiet else log_dir, die_with_parent=True) as group:
         env: dict[str, str] = {
             "TEXTCLS_DATA_DIR": str(data_dir),
             "TEXTCLS_DATABASE_URL": settings.resolved_database_url(),
@@ -129,15 +160,10 @@ def embedded_stack(
                 env,
             )
 
-        import httpx
-
-        def healthy(url: str) -> bool:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-
         try:
-            wait_for(lambda: healthy(api_url), 90, "the API")
+            wait_healthy(group, api_url, "the API")
             if inference_url:
-                wait_for(lambda: healthy(inference_url), 90, "the inference worker")
+                wait_healthy(group, inference_url, "the inference worker")
         except TimeoutError:
             log.error("startup failed; last log lines:\n%s", api.tail())
             raise

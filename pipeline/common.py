@@ -39,12 +39,14 @@ def run_cli_step(step: Callable[[], Any]) -> int:
     return 0
 
 
-def add_training_args(parser: argparse.ArgumentParser, *, epochs: int) -> None:
+def add_training_args(
+    parser: argparse.ArgumentParser, *, epochs: int, max_length: int = 128
+) -> None:
     """The common training options of a step's CLI (names as in the job params)."""
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=None)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=max_length)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default=None)
 

@@ -35,6 +35,18 @@ class ModelMeta:
     max_length: int
     num_labels: int
     extra: dict[str, Any] = field(default_factory=dict)
+    # The name of each class id, where the training data named them (None: plain ids).
+    label_names: list[str] | None = None
+
+    def names(self) -> list[str]:
+        """The name of every class id; an unnamed class is named by its id (``"0"``...)."""
+        if self.label_names is not None:
+            return list(self.label_names)
+        return [str(i) for i in range(self.num_labels)]
+
+    def with_format(self, fmt: str, extra: dict[str, Any]) -> ModelMeta:
+        """The meta of a folder derived from this one (same labels and max length)."""
+        return ModelMeta(fmt, self.max_length, self.num_labels, extra, self.label_names)
 
     def save(self, folder: Path) -> None:
         (Path(folder) / META_FILE).write_text(json.dumps(asdict(self), indent=2))
@@ -43,3 +55,8 @@ class ModelMeta:
     def load(cls, folder: Path) -> ModelMeta:
         data = json.loads((Path(folder) / META_FILE).read_text())
         return cls(**data)
+
+
+def id2label(names: list[str]) -> dict[int, str]:
+    """``config.json``'s ``id2label`` for class names in id order."""
+    return dict(enumerate(names))

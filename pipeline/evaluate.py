@@ -57,10 +57,13 @@ def _latency(predictor: Any, texts: Sequence[str], runs: int) -> dict[str, float
     picks = rng.choice(len(texts), size=runs, replace=runs > len(texts))
     for i in picks[:LATENCY_WARMUP]:
         predictor.predict_logits([texts[i]])
+    predictor.synchronize()
     times = np.empty(runs, dtype=np.float64)
     for n, i in enumerate(picks):
         start = time.perf_counter()
         predictor.predict_logits([texts[i]])
+        # On CUDA the clock stops when the device is done (torch.cuda.synchronize).
+        predictor.synchronize()
         times[n] = (time.perf_counter() - start) * 1000.0
     return {
         "p50": float(np.percentile(times, 50)),
@@ -94,6 +97,8 @@ def evaluate(
             )
         model_dir = Path(model_dir)
         data = read_tsv(Path(dataset_tsv))
+        if not data.labelled:
+            raise StepError(f"{dataset_tsv} is unlabelled text; evaluation needs labels")
         data_labels = sorted(set(data.labels))
         if (model_dir / META_FILE).is_file():
             # Checked before loading the model: a mismatch should fail fast.
@@ -109,6 +114,7 @@ def evaluate(
             batches = length_grouped_batches(lengths, batch_size, shuffle=False)
             # One untimed batch first: the first call pays for lazy initialisation.
             predictor.predict_encoded(predictor.encode([data.texts[i] for i in batches[0]]))
+            predictor.synchronize()
             logits = np.zeros((len(data), n_model), dtype=np.float32)
             start = time.perf_counter()
             for b, idx in enumerate(batches):
@@ -117,9 +123,12 @@ def evaluate(
                 )
                 if b % 5 == 0:
                     progress(0.05 + 0.75 * (b + 1) / len(batches), "predicting")
+            predictor.synchronize()
             seconds = time.perf_counter() - start
             preds = logits.argmax(axis=1)
-            scores = classification_metrics(data.labels, preds, max(n_model, data_labels[-1] + 1))
+            scores = classification_metrics(
+                data.labels, preds, max(n_model, data_labels[-1] + 1), predictor.label_names
+            )
 
             latency: dict[str, float] | None = None
             if latency_runs:

@@ -356,7 +356,7 @@ def export_onnx(
     finish_onnx_folder(
         model_dir,
         out_dir,
-        ModelMeta("onnx", max_length=meta.max_length, num_labels=meta.num_labels, extra=extra),
+        meta.with_format("onnx", extra),
     )
     metrics: dict[str, Any] = {
         "exporter": EXPORTER,

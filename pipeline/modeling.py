@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.contract import ModelMeta
+from pipeline.contract import ModelMeta, id2label
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,12 @@ def save_model_folder(model: Any, tokenizer: Any, out_dir: Path, meta: ModelMeta
     """Write a standard Hugging Face folder (safetensors) plus ``textcls.json``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    n = int(meta.num_labels)
-    model.config.id2label = {i: str(i) for i in range(n)}
-    model.config.label2id = {str(i): i for i in range(n)}
+    names = meta.names()
+    if len(names) != int(meta.num_labels):
+        raise ValueError(f"{len(names)} label names for {meta.num_labels} labels")
+    # Plain transformers shows these names (pipeline("text-classification") too).
+    model.config.id2label = id2label(names)
+    model.config.label2id = {name: i for i, name in enumerate(names)}
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
     meta.save(out_dir)

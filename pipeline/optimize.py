@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.common import ProgressFn, StepError, no_progress, run_cli_step
-from pipeline.contract import LOGITS, ONNX_FILE, ModelMeta
+from pipeline.contract import LOGITS, ONNX_FILE
 from pipeline.export import (
     check_batches,
     check_contract,
@@ -277,7 +277,7 @@ def to_fp16(
     finish_onnx_folder(
         onnx_dir,
         out_dir,
-        ModelMeta("onnx-fp16", max_length=meta.max_length, num_labels=meta.num_labels, extra=extra),
+        meta.with_format("onnx-fp16", extra),
     )
     parent_size, size = file_size(parent_path), file_size(out_path)
     metrics: dict[str, Any] = {

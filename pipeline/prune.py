@@ -525,6 +525,7 @@ def prune(
         format="pytorch",
         max_length=meta.max_length,
         num_labels=num_labels,
+        label_names=meta.label_names,
         extra={
             "pruned_from": str(Path(model_dir).resolve()),
             "architecture": arch_after,

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.common import ProgressFn, StepError, no_progress, run_cli_step
-from pipeline.contract import LOGITS, ONNX_FILE, ModelMeta
+from pipeline.contract import LOGITS, ONNX_FILE
 from pipeline.export import (
     check_batches,
     check_contract,
@@ -135,8 +135,13 @@ def quantize_int8(
     out_path = out_dir / ONNX_FILE
 
     progress(0.0, "quantizing")
-    with tempfile.TemporaryDirectory() as tmp_name:
-        source = _fused_copy(onnx_dir, Path(tmp_name)) if fuse else parent_path
+    # Beside out_dir (a job's staging folder): ORT writes a shape-inferred copy
+    # next to its input, so the input is linked in here, and a killed run
+    # leaves that copy neither in the source model's folder nor in /tmp.
+    with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp_name:
+        source = _fused_copy(onnx_dir, Path(tmp_name)) if fuse else Path(tmp_name) / ONNX_FILE
+        if not fuse:
+            source.symlink_to(parent_path.resolve())
         extra_options: dict[str, Any] = {}
         if fuse:
             # Shape inference leaves the fused contrib ops' outputs untyped; they are float32.
@@ -187,7 +192,7 @@ def quantize_int8(
     finish_onnx_folder(
         onnx_dir,
         out_dir,
-        ModelMeta("onnx-int8", max_length=meta.max_length, num_labels=meta.num_labels, extra=extra),
+        meta.with_format("onnx-int8", extra),
     )
     ops = Counter(n.op_type for n in onnx.load(str(out_path)).graph.node)
     metrics: dict[str, Any] = {

@@ -82,6 +82,7 @@ class Predictor(ABC):
     format: str
     device: str
     num_labels: int
+    label_names: list[str]
     max_length: int
     model_dir: Path
 
@@ -91,6 +92,8 @@ class Predictor(ABC):
         self.format = meta.format
         self.num_labels = int(meta.num_labels)
         self.max_length = int(meta.max_length)
+        # The name of each class id (``"0"``, ``"1"``... where the data had none).
+        self.label_names = meta.names()
         self.device = device
         self.tokenizer = tokenizer
         # HF fast tokenizers mutate their Rust-side truncation/padding state on
@@ -138,6 +141,14 @@ class Predictor(ABC):
     def close(self) -> None:
         """Drop the model so its (GPU) memory can be freed once nothing else holds it."""
 
+    def synchronize(self) -> None:
+        """Wait for work still queued on the device, so a timer stops after it.
+
+        ONNX Runtime's ``run`` returns when its outputs are ready, so only
+        :class:`TorchPredictor` has anything to wait for.
+        """
+        return None
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({self.model_dir}, format={self.format}, device={self.device})"
@@ -182,6 +193,13 @@ class TorchPredictor(Predictor):
 
             torch.cuda.empty_cache()
 
+    def synchronize(self) -> None:
+        # predict_encoded's .cpu() copy waits already; this makes the timing
+        # independent of that detail.
+        from pipeline.device import synchronize
+
+        synchronize(self._torch_device)
+
 
 class OnnxPredictor(Predictor):
     """An ONNX Runtime session on ``model.onnx``, fed only the inputs it declares."""
@@ -195,6 +213,8 @@ class OnnxPredictor(Predictor):
         want_cuda: bool | None,
         threads: int | None,
         disabled_optimizers: Sequence[str] | None = None,
+        device_id: int | None = None,
+        io_binding: bool = False,
     ) -> None:
         import onnxruntime as ort
 
@@ -209,7 +229,9 @@ class OnnxPredictor(Predictor):
                 f"(available: {available})"
             )
         use_cuda = want_cuda is not False and cuda in available
-        providers = [cuda, "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if use_cuda:
+            providers.insert(0, (cuda, {"device_id": device_id or 0}))
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = int(threads)
@@ -227,9 +249,17 @@ class OnnxPredictor(Predictor):
         except Exception as exc:  # ORT raises its own exception types; the caller needs one
             raise StepError(f"ONNX Runtime could not load {path}: {exc}") from exc
         # ORT falls back to the CPU if the CUDA provider fails to initialise.
-        device = "cuda" if session.get_providers()[0] == cuda else "cpu"
+        device = "cpu"
+        if session.get_providers()[0] == cuda:
+            device = f"cuda:{device_id}" if device_id is not None else "cuda"
         super().__init__(model_dir, meta, tokenizer, device)
         self.session: Any = session
+        # IO binding: inputs bound from host memory, logits bound to host
+        # memory, one run_with_iobinding per call (a fresh binding per call
+        # keeps the predictor thread-safe). Off by default: texts come from the
+        # CPU tokenizer and logits go back to it, so run() makes the same two
+        # copies; bench/gpu.py times both on the CUDA provider.
+        self.io_binding = bool(io_binding)
         self._inputs = {i.name: _np_dtype(i.type) for i in session.get_inputs()}
         outputs = [o.name for o in session.get_outputs()]
         self._output = LOGITS if LOGITS in outputs else outputs[0]
@@ -239,7 +269,15 @@ class OnnxPredictor(Predictor):
 
     def predict_encoded(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         feed = {name: np.asarray(batch[name], dtype=dtype) for name, dtype in self._inputs.items()}
-        (logits,) = self.session.run([self._output], feed)
+        if self.io_binding:
+            binding = self.session.io_binding()
+            for name, value in feed.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            binding.bind_output(self._output, "cpu")
+            self.session.run_with_iobinding(binding)
+            (logits,) = binding.copy_outputs_to_cpu()
+        else:
+            (logits,) = self.session.run([self._output], feed)
         return np.asarray(logits, dtype=np.float32)
 
     def close(self) -> None:
@@ -280,18 +318,20 @@ def _want_cuda(device: str) -> bool | None:
     raise StepError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
 
 
-def _torch_device(device: str) -> str:
-    import torch
-
-    want = _want_cuda(device)
+def _device_index(device: str) -> int | None:
+    """The ``N`` of ``cuda:N`` (None without one)."""
     name = (device or "").strip().lower()
-    if want is False:
-        return "cpu"
-    if torch.cuda.is_available():
-        return name if name.startswith("cuda:") else "cuda"
-    if want:
-        raise StepError(f"device {device!r} was requested but CUDA is not available here")
-    return "cpu"
+    if name.startswith("cuda:") and name[5:].isdigit():
+        return int(name[5:])
+    return None
+
+
+def _torch_device(device: str) -> str:
+    """``device`` resolved for torch (an error naming what this machine has if it lacks it)."""
+    from pipeline.device import resolve_device
+
+    _want_cuda(device)  # the same vocabulary for both runtimes
+    return str(resolve_device(device))
 
 
 def load_predictor(
@@ -300,6 +340,7 @@ def load_predictor(
     device: str = "auto",
     threads: int | None = None,
     disabled_optimizers: Sequence[str] | None = None,
+    io_binding: bool = False,
 ) -> Predictor:
     """Load a textcls model folder of any format for inference.
 
@@ -308,7 +349,8 @@ def load_predictor(
     threads; for PyTorch it calls ``torch.set_num_threads``, which is
     process-wide. ``disabled_optimizers``: ORT graph optimizers to skip
     (``None``: :data:`CPU_DISABLED_OPTIMIZERS` for fp32/int8 graphs on the CPU,
-    none otherwise; ``()``: ORT's full default set).
+    none otherwise; ``()``: ORT's full default set). ``io_binding``: run ONNX
+    models on CUDA through ORT IO binding (see :class:`OnnxPredictor`).
     """
     model_dir = Path(model_dir)
     if not (model_dir / META_FILE).is_file():
@@ -332,6 +374,8 @@ def load_predictor(
             want_cuda=_want_cuda(device),
             threads=threads,
             disabled_optimizers=disabled_optimizers,
+            device_id=_device_index(device),
+            io_binding=io_binding,
         )
     log.info("loaded %r", predictor)
     return predictor

@@ -10,19 +10,22 @@ padded batches, used by distillation), :func:`resolve_device` and
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import random
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.checkpoint import Checkpointer, resume_training, training_state
 from pipeline.common import (
     ProgressFn,
     StepError,
@@ -33,6 +36,8 @@ from pipeline.common import (
 )
 from pipeline.contract import META_FILE, MODEL_INPUTS, ModelMeta
 from pipeline.data import Examples, read_tsv
+from pipeline.device import optimizer_step, precision_for, resolve_device, to_device
+from pipeline.embeddings import INIT_EMBEDDINGS, init_word_embeddings
 from pipeline.metrics import classification_metrics
 from pipeline.modeling import (
     architecture,
@@ -43,10 +48,10 @@ from pipeline.modeling import (
     scratch_config,
 )
 from pipeline.preprocess import (
-    build_char_vocab,
+    VOCABS,
     encode,
     length_grouped_batches,
-    make_char_tokenizer,
+    make_scratch_tokenizer,
     token_lengths,
 )
 from pipeline.runtime import torch_threads
@@ -86,28 +91,6 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """``None``/``"auto"``: CUDA when available, else CPU. ``"gpu"`` means ``"cuda"``.
-
-    An explicit CUDA request on a machine without CUDA is an error rather than a
-    silent (and much slower) CPU run.
-    """
-    name = (device or "auto").strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "gpu":
-        name = "cuda"
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise StepError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise StepError(f"device {device!r} was requested but CUDA is not available here")
-    if dev.type not in ("cpu", "cuda"):
-        raise StepError(f"unsupported device {device!r} (use auto, cpu, cuda or cuda:N)")
-    return dev
-
-
 def iter_batches(
     tokenizer: Any,
     dataset: Examples,
@@ -133,17 +116,14 @@ def iter_batches(
 def to_torch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
     """An encoded batch's model inputs as tensors on ``device``."""
     return {
-        k: torch.from_numpy(v).to(device, non_blocking=True)
-        for k, v in batch.items()
-        if k in MODEL_INPUTS
+        k: to_device(torch.from_numpy(v), device) for k, v in batch.items() if k in MODEL_INPUTS
     }
 
 
 def _autocast(device: torch.device) -> Any:
-    # bf16 autocast on GPUs that support it: roughly twice the speed, no loss
-    # scaling needed. CPU stays in fp32 (bf16 on CPU is slower on most hosts).
-    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+    # bf16 autocast on GPUs that support it, fp16 on older ones (with a
+    # GradScaler in fine_tune); the CPU stays in fp32 (pipeline.device).
+    return precision_for(device).autocast()
 
 
 def adamw(model: Any, learning_rate: float) -> torch.optim.Optimizer:
@@ -217,12 +197,16 @@ def fine_tune(
     seed: int,
     device: torch.device | str | None,
     progress: ProgressFn = no_progress,
+    checkpoint: Checkpointer | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place; with ``eval``, keep the epoch with the best accuracy.
 
+    With ``checkpoint`` the loop saves its state after every epoch (and
+    mid-epoch when :meth:`Checkpointer.due`), and resumes from a saved one.
+
     AdamW with linear warmup (10%) and decay, gradient clipping at 1.0,
     length-grouped dynamic-padding batches. ``progress(fraction, stage)`` is
-    called every few batches and may raise :class:`pipeline.common.JobCancelled`,
+    called after every optimizer step and may raise :class:`pipeline.common.JobCancelled`,
     which propagates. On return the model holds the best weights, sits on
     ``device`` and is in eval mode. Returns the metrics (history, best epoch,
     best eval accuracy / macro-F1, rows, seconds, device).
@@ -243,6 +227,8 @@ def fine_tune(
     set_seed(seed)
     model.to(dev)
     optimizer = adamw(model, learning_rate)
+    # fp16 on GPUs without bf16 scales the loss; None on the CPU and with bf16.
+    scaler = precision_for(dev).grad_scaler()
     lengths = token_lengths(tokenizer, train.texts, max_length)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total_steps = steps_per_epoch * epochs
@@ -250,19 +236,39 @@ def fine_tune(
     eval_batches = math.ceil(len(eval) / batch_size) if eval else 0
     # Progress counts evaluation batches as work too, so the bar does not stall.
     total_work = total_steps + eval_batches * epochs
-    every = max(1, min(10, total_steps // 100))
     labels_all = torch.tensor(train.labels, dtype=torch.long)
     loss_fn = torch.nn.CrossEntropyLoss()
 
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"epoch": 0, "accuracy": -1.0, "macro_f1": 0.0, "state": None}
+    resume = resume_training(checkpoint, model, optimizer, scheduler)
+    history: list[dict[str, Any]] = resume.loop.get("history", [])
+    best: dict[str, Any] = resume.loop.get(
+        "best", {"epoch": 0, "accuracy": -1.0, "macro_f1": 0.0, "state": None}
+    )
     start = time.perf_counter()
-    step = 0
+    step = resume.step
+
+    def save(epochs_done: int, batches_done: int, loss: tuple[float, int]) -> None:
+        if checkpoint is not None:
+            loop = {"history": history, "best": best, "loss": loss}
+            checkpoint.save(
+                training_state(
+                    model,
+                    optimizer,
+                    scheduler,
+                    epochs_done=epochs_done,
+                    batches_done=batches_done,
+                    step=step,
+                    loop=loop,
+                )
+            )
+
     progress(0.0, "train")
-    for epoch in range(1, epochs + 1):
+    for epoch in range(resume.epochs_done + 1, epochs + 1):
         model.train()
         epoch_start = time.perf_counter()
-        loss_sum, loss_rows = 0.0, 0
+        # A mid-epoch checkpoint: skip the batches it had done (same shuffle).
+        skip = resume.batches_done if epoch == resume.epochs_done + 1 else 0
+        loss_sum, loss_rows = resume.loop.get("loss", (0.0, 0)) if skip else (0.0, 0)
         batches = iter_batches(
             tokenizer,
             train,
@@ -272,23 +278,24 @@ def fine_tune(
             seed=seed + epoch,
             lengths=lengths,
         )
-        for idx, enc in batches:
+        for b, (idx, enc) in enumerate(itertools.islice(batches, skip, None), start=skip + 1):
             inputs = to_torch(enc, dev)
-            target = labels_all[idx].to(dev, non_blocking=True)
+            target = to_device(labels_all[idx], dev)
             with _autocast(dev):
                 logits = model(**inputs).logits
             loss = loss_fn(logits.float(), target)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-            optimizer.step()
+            optimizer_step(loss, optimizer, model.parameters(), MAX_GRAD_NORM, scaler)
             scheduler.step()
             step += 1
             loss_sum += float(loss.detach()) * len(idx)
             loss_rows += len(idx)
-            if step % every == 0 or step == total_steps:
-                done = step + eval_batches * (epoch - 1)
-                progress(done / total_work, f"train epoch {epoch}/{epochs}")
+            # Every step: the job's progress writes are throttled to one a second,
+            # and a cancel is seen within one optimizer step, not ten.
+            done = step + eval_batches * (epoch - 1)
+            progress(done / total_work, f"train epoch {epoch}/{epochs}")
+            if checkpoint is not None and checkpoint.due() and b < steps_per_epoch:
+                save(epoch - 1, b, (loss_sum, loss_rows))
         record: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": loss_sum / max(1, loss_rows),
@@ -334,6 +341,7 @@ def fine_tune(
             _fmt(record.get("eval_macro_f1")),
             record["seconds"],
         )
+        save(epoch, 0, (0.0, 0))
 
     if best["state"] is not None:
         model.load_state_dict(best["state"])
@@ -355,6 +363,8 @@ def fine_tune(
         "seed": seed,
         "seconds": time.perf_counter() - start,
         "device": str(dev),
+        "precision": precision_for(dev).name,
+        **resume.metrics(),
     }
     if best["state"] is not None:
         metrics["eval_accuracy"] = best["accuracy"]
@@ -376,49 +386,74 @@ def _fmt(x: float | None) -> str:
 
 
 def stratified_split(data: Examples, fraction: float, seed: int) -> tuple[Examples, Examples]:
-    """Hold out ``fraction`` of each label's rows (seeded); classes of one row stay in train."""
-    rng = np.random.default_rng(seed)
-    by_label: dict[int, list[int]] = {}
-    for i, y in enumerate(data.labels):
-        by_label.setdefault(y, []).append(i)
+    """Hold out ``fraction`` of the rows, stratified by label (scikit-learn, seeded).
+
+    Rows of a class with a single row stay in train (a stratified split needs
+    two); every other class keeps at least one row on each side.
+    """
+    from sklearn.model_selection import train_test_split
+
+    counts = Counter(data.labels)
+    splittable = [i for i, y in enumerate(data.labels) if counts[y] >= 2]
+    classes = len({data.labels[i] for i in splittable})
     held: list[int] = []
-    for label in sorted(by_label):
-        rows = np.array(by_label[label])
-        rng.shuffle(rows)
-        k = round(len(rows) * fraction)
-        # Keep at least one row of every class on each side when the class allows it.
-        k = max(1, min(k, len(rows) - 1)) if len(rows) >= 2 else 0
-        held.extend(rows[:k].tolist())
+    if classes and len(splittable) >= 2 * classes:
+        n_test = min(max(math.ceil(fraction * len(splittable)), classes), len(splittable) - classes)
+        _, held = train_test_split(
+            splittable,
+            test_size=n_test,
+            stratify=[data.labels[i] for i in splittable],
+            random_state=seed % 2**32,
+        )
     held_set = set(held)
     keep = [i for i in range(len(data)) if i not in held_set]
-    held.sort()
 
     def subset(ix: list[int]) -> Examples:
-        return Examples(
+        return replace(
+            data,
             texts=[data.texts[i] for i in ix],
             labels=[data.labels[i] for i in ix],
             indices=[data.indices[i] for i in ix] if data.indices else [],
         )
 
-    return subset(keep), subset(held)
+    return subset(keep), subset(sorted(held))
 
 
 def load_base_model(
-    base_model: str, num_labels: int, max_length: int, train_texts: Sequence[str]
+    base_model: str,
+    num_labels: int,
+    max_length: int,
+    train_texts: Sequence[str],
+    *,
+    vocab: str = "wordpiece",
+    init_embeddings: str = "ppmi",
 ) -> tuple[Any, Any, bool]:
-    """``(model, tokenizer, from_scratch)`` for a scratch preset, a local folder or a hub id."""
+    """``(model, tokenizer, from_scratch)`` for a scratch preset, a local folder or a hub id.
+
+    ``vocab`` and ``init_embeddings`` apply to a scratch preset only (a base
+    model brings its own tokenizer and embeddings).
+    """
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+    if vocab not in VOCABS or init_embeddings not in INIT_EMBEDDINGS:
+        raise StepError(
+            f"vocab must be one of {VOCABS} and init_embeddings one of {INIT_EMBEDDINGS} "
+            f"(got {vocab!r}, {init_embeddings!r})"
+        )
     if is_scratch(base_model):
         from transformers import BertForSequenceClassification
 
         preset = base_model.split(":", 1)[1]
-        tokenizer = make_char_tokenizer(build_char_vocab(train_texts))
+        tokenizer = make_scratch_tokenizer(train_texts, vocab)
         try:
             config = scratch_config(preset, len(tokenizer), num_labels, max_length)
         except ValueError as exc:
             raise StepError(str(exc)) from exc
-        return BertForSequenceClassification(config), tokenizer, True
+        model = BertForSequenceClassification(config)
+        if init_embeddings == "ppmi":
+            n = init_word_embeddings(model, tokenizer, train_texts)
+            log.info("initialised %d word embeddings from PPMI co-occurrence SVD", n)
+        return model, tokenizer, True
 
     folder = Path(base_model).expanduser()
     if folder.is_dir():
@@ -473,7 +508,19 @@ def load_base_model(
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and max_length > limit:
         raise StepError(f"max_length {max_length} exceeds the model's {limit} positions")
-    return model, tokenizer, False
+    return model, tokenizer, _scratch_lineage(folder)
+
+
+def _scratch_lineage(folder: Path) -> bool:
+    """Whether a base folder descends from a scratch preset (e.g. a ``pretrain`` output).
+
+    Such a model was never trained at scale: it fine-tunes at the scratch
+    learning rate (issue 13 study: at 5e-5 a scratch-lineage MLM folder barely
+    moves in 2 epochs; 5e-4 is what from-scratch training uses).
+    """
+    if not (folder.is_dir() and (folder / META_FILE).is_file()):
+        return False
+    return is_scratch(str(ModelMeta.load(folder).extra.get("base_model", "")))
 
 
 def train(
@@ -482,23 +529,38 @@ def train(
     *,
     eval_tsv: Path | None = None,
     base_model: str = "scratch:tiny",
-    epochs: int = 3,
+    vocab: str = "wordpiece",
+    init_embeddings: str = "ppmi",
+    epochs: int = 2,
     batch_size: int = 32,
     learning_rate: float | None = None,
-    max_length: int = 128,
+    max_length: int = 64,
     seed: int = 42,
     device: str | None = None,
     progress: ProgressFn = no_progress,
     threads: int | None = None,
+    label_names: list[str] | None = None,
+    checkpoint: Checkpointer | None = None,
 ) -> TrainResult:
     """Train a classifier on ``train_tsv`` and save the best epoch's model to ``out_dir``.
 
     Without ``eval_tsv`` a stratified, seeded 10% of the training rows is held
     out for evaluation and model selection. ``threads`` caps torch's CPU
     threads while training (``None``: leave torch's setting alone).
+    ``checkpoint``: save resumable state there, and resume from it (see
+    :func:`fine_tune`).
+    ``vocab`` (``wordpiece`` or ``char``) and ``init_embeddings`` (``ppmi`` or
+    ``none``) shape a from-scratch model; the defaults are issue 13's measured
+    best (textcls/jobs.py TrainParams has the figures).
+    ``label_names`` names the class ids (the dataset row's names; default: the
+    names in the file, if its labels are names); they go into ``config.json``'s
+    ``id2label`` and the folder's ``textcls.json``.
     """
     start = time.perf_counter()
     data = read_tsv(Path(train_tsv))
+    if not data.labelled:
+        raise StepError(f"{train_tsv} is unlabelled text; training needs labels")
+    label_names = label_names if label_names is not None else data.label_names
     if eval_tsv is not None:
         train_set, eval_set = data, read_tsv(Path(eval_tsv))
     else:
@@ -506,6 +568,10 @@ def train(
         if len(eval_set) == 0:
             raise StepError("too few rows to hold out an evaluation set; pass eval_tsv")
     num_labels = max(train_set.num_labels, eval_set.num_labels)
+    if label_names is not None:
+        if num_labels > len(label_names):
+            raise StepError(f"the data has {num_labels} labels but {len(label_names)} names")
+        num_labels = len(label_names)
     if num_labels < 2:
         raise StepError("training needs at least two classes (labels 0 and 1)")
     dev = resolve_device(device)
@@ -519,7 +585,15 @@ def train(
     )
 
     set_seed(seed)  # the scratch model's initial weights depend on it
-    model, tokenizer, scratch = load_base_model(base_model, num_labels, max_length, train_set.texts)
+    progress(0.0, "tokenizer")
+    model, tokenizer, scratch = load_base_model(
+        base_model,
+        num_labels,
+        max_length,
+        train_set.texts,
+        vocab=vocab,
+        init_embeddings=init_embeddings,
+    )
     lr = learning_rate if learning_rate is not None else (SCRATCH_LR if scratch else PRETRAINED_LR)
     with torch_threads(threads):
         metrics = fine_tune(
@@ -534,13 +608,15 @@ def train(
             seed=seed,
             device=dev,
             progress=progress,
+            checkpoint=checkpoint,
         )
     arch = architecture(model)
     meta = ModelMeta(
         format="pytorch",
         max_length=max_length,
         num_labels=num_labels,
-        extra={"base_model": base_model, "architecture": arch},
+        extra={"base_model": _lineage(base_model), "architecture": arch},
+        label_names=list(label_names) if label_names is not None else None,
     )
     model_dir = save_model_folder(model, tokenizer, Path(out_dir), meta)
     metrics.update(
@@ -567,6 +643,14 @@ def train(
     )
 
 
+def _lineage(base_model: str) -> str:
+    """What ``textcls.json``'s ``extra.base_model`` records: a scratch-lineage base's root."""
+    folder = Path(base_model).expanduser()
+    if _scratch_lineage(folder):
+        return str(ModelMeta.load(folder).extra["base_model"])
+    return base_model
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pipeline.train --train X.tsv --out DIR``: prints the metrics as JSON."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -574,7 +658,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="output model folder")
     p.add_argument("--eval", type=Path, default=None, help="evaluation TSV (default: 10%% split)")
     p.add_argument("--base-model", default="scratch:tiny")
-    add_training_args(p, epochs=3)
+    p.add_argument("--vocab", default="wordpiece", choices=VOCABS)
+    p.add_argument("--init-embeddings", default="ppmi", choices=INIT_EMBEDDINGS)
+    add_training_args(p, epochs=2, max_length=64)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -584,6 +670,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out,
             eval_tsv=args.eval,
             base_model=args.base_model,
+            vocab=args.vocab,
+            init_embeddings=args.init_embeddings,
             threads=args.threads,
             **training_kwargs(args),
         )

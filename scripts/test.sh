@@ -5,9 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# The HTML report is checked in a real headless browser (Debian's chromium).
-if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+# The HTML report and the web console are checked in a real headless browser
+# (Debian's chromium, driven by Selenium through chromium-driver; a CJK font so
+# the console's screenshots show Chinese text).
+if { ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; } \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        chromium chromium-driver fonts-wqy-zenhei) \
         >/tmp/textcls-chromium-install.log 2>&1 || echo "warning: could not install chromium"
 fi
 .venv/bin/ruff check .

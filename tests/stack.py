@@ -17,6 +17,39 @@ from textcls.db import migrate
 REPO = Path(__file__).resolve().parents[1]
 FINAL = {"succeeded", "failed", "cancelled"}
 _redis_db = itertools.count(1)
+# Redis database numbers a stack may use; 13 belongs to the lost-message test.
+STACK_DBS = [i for i in range(1, 16) if i != 13]
+CLAIM_SECONDS = 3600
+
+
+def claim_redis_db(redis_base: str) -> tuple[int, str | None]:
+    """A Redis database number no other live stack uses, across test processes.
+
+    Two pytest runs on one Redis (developers running files side by side) would
+    otherwise number their stacks alike, and one run's workers would take the
+    other's job messages. A claim is a key in database 0 that expires.
+    """
+    import redis
+
+    client = redis.Redis.from_url(f"{redis_base.rstrip('/').rsplit('/', 1)[0]}/0")
+    token = uuid.uuid4().hex
+    start = next(_redis_db)
+    for k in range(len(STACK_DBS)):
+        db = STACK_DBS[(start + k) % len(STACK_DBS)]
+        if client.set(f"textcls:test-db:{db}", token, nx=True, ex=CLAIM_SECONDS):
+            return db, token
+    return STACK_DBS[start % len(STACK_DBS)], None  # all claimed: share one
+
+
+def release_redis_db(redis_base: str, db: int, token: str | None) -> None:
+    import redis
+
+    if token is None:
+        return
+    client = redis.Redis.from_url(f"{redis_base.rstrip('/').rsplit('/', 1)[0]}/0")
+    key = f"textcls:test-db:{db}"
+    if client.get(key) == token.encode():
+        client.delete(key)
 
 
 def create_pg_database(server_url: str) -> str:
@@ -37,7 +70,9 @@ class Stack:
     def __init__(self, root: Path, database_url: str, redis_base: str, **settings: Any) -> None:
         self.root = root
         self.database_url = database_url
-        db_index = next(_redis_db) % 16 or 1
+        self._redis_base = redis_base
+        db_index, self._redis_claim = claim_redis_db(redis_base)
+        self._redis_db_index = db_index
         self.broker_url = f"{redis_base.rstrip('/').rsplit('/', 1)[0]}/{db_index}"
         import redis
 
@@ -91,6 +126,7 @@ class Stack:
     def close(self) -> None:
         self.http.close()
         self.group.stop_all()
+        release_redis_db(self._redis_base, self._redis_db_index, self._redis_claim)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.tail()}" for p in self.group.procs)

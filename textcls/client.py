@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,15 @@ def wait_ready(inference_url: str, model_id: int, timeout: float = 90.0) -> dict
     )
 
 
+@dataclass(frozen=True)
+class LogPage:
+    """Part of a job's log: the text, the offset to read on from, the job's status."""
+
+    text: str
+    offset: int
+    status: str
+
+
 class Client:
     def __init__(
         self,
@@ -85,11 +96,42 @@ class Client:
             raise APIError(r.status_code, detail)
         return r.json()
 
-    def upload_dataset(self, path: Path, name: str | None = None) -> dict[str, Any]:
+    def upload_dataset(
+        self, path: Path, name: str | None = None, label_names: list[str] | None = None
+    ) -> dict[str, Any]:
+        """Upload a TSV; ``label_names`` names the class ids in order (sent as JSON)."""
+        data: dict[str, str] = {}
+        if name:
+            data["name"] = name
+        if label_names is not None:
+            data["label_names"] = json.dumps(label_names, ensure_ascii=False)
         with Path(path).open("rb") as f:
             files = {"file": (Path(path).name, f, "text/tab-separated-values")}
-            data = {"name": name} if name else None
-            return dict(self._check(self.api.post("/datasets", files=files, data=data)))
+            return dict(self._check(self.api.post("/datasets", files=files, data=data or None)))
+
+    def _download(self, url: str, dest: Path) -> int:
+        """Stream a GET into ``dest`` (written to a sibling, renamed when complete); bytes."""
+        dest = Path(dest)
+        part = dest.with_name(f".{dest.name}.part")
+        with self.api.stream("GET", url) as r:
+            if r.status_code >= 400:
+                r.read()
+                self._check(r)
+            total = 0
+            with part.open("wb") as f:
+                for chunk in r.iter_bytes(1 << 20):
+                    f.write(chunk)
+                    total += len(chunk)
+        part.replace(dest)
+        return total
+
+    def download_model(self, model_id: int, dest: Path) -> int:
+        """Save a model's ``.tar.gz`` (folder and model card) to ``dest``; returns its bytes."""
+        return self._download(f"/models/{model_id}/download", dest)
+
+    def predictions(self, job_id: int, dest: Path) -> int:
+        """Save a predict job's TSV to ``dest``; returns its bytes."""
+        return self._download(f"/jobs/{job_id}/predictions", dest)
 
     def datasets(self) -> list[dict[str, Any]]:
         return list(self._check(self.api.get("/datasets")))
@@ -109,6 +151,38 @@ class Client:
 
     def report(self, job_id: int) -> dict[str, Any]:
         return dict(self._check(self.api.get(f"/jobs/{job_id}/report")))
+
+    def report_html(self, job_id: int) -> str:
+        """The pipeline's comparison report as a self-contained HTML page."""
+        r = self.api.get(f"/jobs/{job_id}/report.html")
+        if r.status_code >= 400:
+            self._check(r)  # raises APIError with the server's detail
+        return r.text
+
+    def job_logs(self, job_id: int, *, tail: int | None = None, offset: int = 0) -> LogPage:
+        """Whole lines of a job's log from byte ``offset`` on (the last ``tail`` of them)."""
+        params: dict[str, int] = {"offset": offset}
+        if tail is not None:
+            params["tail"] = tail
+        r = self.api.get(f"/jobs/{job_id}/logs", params=params)
+        if r.status_code >= 400:
+            self._check(r)
+        return LogPage(
+            text=r.content.decode("utf-8", "replace"),
+            offset=int(r.headers.get("X-Log-Offset", offset)),
+            status=r.headers.get("X-Job-Status", ""),
+        )
+
+    def delete_dataset(self, dataset_id: int) -> dict[str, Any]:
+        return dict(self._check(self.api.delete(f"/datasets/{dataset_id}")))
+
+    def delete_model(self, model_id: int, cascade: bool = False) -> dict[str, Any]:
+        params = {"cascade": "true"} if cascade else None
+        return dict(self._check(self.api.delete(f"/models/{model_id}", params=params)))
+
+    def delete_job(self, job_id: int, cascade: bool = False) -> dict[str, Any]:
+        params = {"cascade": "true"} if cascade else None
+        return dict(self._check(self.api.delete(f"/jobs/{job_id}", params=params)))
 
     def models(self, **filters: Any) -> list[dict[str, Any]]:
         q = {k: v for k, v in filters.items() if v is not None}

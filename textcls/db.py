@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlmodel import Session, create_engine
 
@@ -98,6 +101,88 @@ def retry_db(fn: Callable[[], T], what: str, seconds: float | None = None) -> T:
             log.warning("%s: database unavailable (%s); retrying", what, str(exc).splitlines()[0])
             time.sleep(pause)
             pause = min(pause * 2, 5.0)
+
+
+class SingletonLock:
+    """A lock that one process per database holds at a time, for as long as it lives.
+
+    PostgreSQL: a session-level ``pg_try_advisory_lock`` on a connection kept
+    for the purpose (the server releases it when that connection or the
+    process dies). SQLite, which means one host: an ``flock`` on a file beside
+    the database (released when the process dies). :meth:`held` tries to take
+    the lock when it is free and checks it is still ours when taken, so a
+    replica takes over within one call of the holder's death. Used to run the
+    reaper's sweeps in one API process of several.
+    """
+
+    def __init__(self, name: str, url: str | None = None) -> None:
+        self.name = name
+        self.url = url or get_settings().resolved_database_url()
+        # A stable 63-bit key from the name (advisory locks are per database).
+        self._key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 1
+        self._conn: Connection | None = None
+        self._fd: int | None = None
+
+    def held(self) -> bool:
+        """Whether this process holds the lock now (taking it if it is free)."""
+        backend = make_url(self.url).get_backend_name()
+        was = self._conn is not None or self._fd is not None
+        now = self._held_pg() if backend == "postgresql" else self._held_file()
+        if now != was:
+            log.info("%s lock %s by this process", self.name, "taken" if now else "lost")
+        return now
+
+    def release(self) -> None:
+        if self._conn is not None:
+            # Invalidated, not returned to the pool: the lock must go with it.
+            with contextlib.suppress(Exception):
+                self._conn.invalidate()
+                self._conn.close()
+            self._conn = None
+        if self._fd is not None:
+            os.close(self._fd)  # closing the file drops the flock
+            self._fd = None
+
+    def _held_pg(self) -> bool:
+        try:
+            if self._conn is not None:
+                self._conn.execute(text("SELECT 1"))
+                self._conn.rollback()
+                return True
+            conn = engine_for(self.url).connect()
+            got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self._key}).scalar()
+            conn.rollback()  # the lock is the session's, not the transaction's
+            if got:
+                self._conn = conn
+                return True
+            conn.close()
+            return False
+        except (OperationalError, InterfaceError):
+            # The connection (and with it the lock) is gone; try again next time.
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    self._conn.invalidate()
+                self._conn = None
+            return False
+
+    def _held_file(self) -> bool:
+        if self._fd is not None:
+            return True
+        database = make_url(self.url).database
+        if not database or database == ":memory:":
+            return True  # an in-memory database lives in this process alone
+        try:
+            fd = os.open(f"{database}.{self.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            log.warning("cannot open the %s lock file: %s", self.name, exc)
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another process holds it
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
 
 
 def alembic_config(url: str | None = None) -> Any:

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 from sqlalchemy import text
 from sqlmodel import Session, col, select
 
+from textcls.labels import names_or_ids, same_label_set
 from textcls.models import Deployment, Model, ModelFormat, utcnow
 from textcls.settings import get_settings
 from textcls.store import ArtifactStore, dir_size
@@ -164,6 +165,11 @@ def servability_problem(model: Model, store: ArtifactStore | None = None) -> str
             f"model {model.id} has format {model.format!r}, which inference workers cannot "
             f"serve (servable: {', '.join(sorted(SERVABLE_FORMATS))})"
         )
+    if model.num_labels == 0:
+        return (
+            f"model {model.id} is a masked language model (a pretrain output, no classifier): "
+            f"train a classifier on it first (train base_model_id={model.id})"
+        )
     try:
         folder = (store or ArtifactStore()).resolve(model.path)
     except ValueError as exc:
@@ -182,8 +188,9 @@ def servability_problem(model: Model, store: ArtifactStore | None = None) -> str
 def promote(session: Session, model: Model, *, force: bool = False) -> Change:
     """Make ``model`` the served one, in the caller's transaction (commit, then publish).
 
-    A model whose number of labels differs from the served model's is refused
-    unless ``force``: clients would silently get a different class set.
+    A model whose label set (number of labels, or their names) differs from the
+    served model's is refused unless ``force``: clients would silently get a
+    different class set.
     Promoting the served model again records nothing, so a later rollback still
     goes back to the model before it.
     """
@@ -197,11 +204,13 @@ def promote(session: Session, model: Model, *, force: bool = False) -> Change:
         return Change(current, current.model_id, recorded=False)
     if current is not None and not force:
         served = session.get(Model, current.model_id)
-        if served is not None and served.num_labels != model.num_labels:
+        if served is not None and not same_label_set(served, model):
             raise DeploymentRefused(
-                f"model {model.id} has {model.num_labels} labels but the served model "
-                f"{served.id} has {served.num_labels}; clients would get a different label "
-                "set. Promote with ?force=true to do it anyway."
+                f"model {model.id} has labels "
+                f"{names_or_ids(model.label_names, model.num_labels)} but the served model "
+                f"{served.id} has {names_or_ids(served.label_names, served.num_labels)}; "
+                "clients would get a different label set. Promote with ?force=true to do it "
+                "anyway."
             )
     dep = Deployment(model_id=model.id, action="promote", created_at=utcnow())
     session.add(dep)

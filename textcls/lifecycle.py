@@ -11,18 +11,24 @@ worker died. Everything that moves a job goes through this module:
   worker's :func:`claim`, :func:`beat`, :func:`finish` and :func:`succeed`
   are built on it;
 - :func:`cancel` stops a job and its tree;
-- :func:`requeue_stale_jobs` and :func:`resend_lost_messages` are the
-  reaper's sweeps;
+- :func:`requeue_stale_jobs`, :func:`resend_lost_messages` and
+  :func:`advance_stalled_pipelines` are the reaper's sweeps (run by one
+  process at a time: :class:`textcls.db.SingletonLock`);
 - :func:`advance` moves a pipeline on when a child ends (plan in
   :mod:`textcls.pipelines`, report in :mod:`textcls.report`, promotion through
-  :func:`textcls.deployments.promote`, the same rules as the API's).
+  :func:`textcls.deployments.promote`, the same rules as the API's); each
+  step's event goes into the pipeline's own log (:func:`textcls.joblog.note`);
+- :func:`forget_output_models` and :func:`delete_finished` are the job-row
+  writes of a deletion (rules in :mod:`textcls.retention`).
 
-Every function takes ids and opens its own sessions (except :func:`submit`,
-which works in the caller's), so each can be called again after a crash.
+Every function takes ids and opens its own sessions (except :func:`submit`
+and the deletion writes, which work in the caller's), so each can be called
+again after a crash.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Collection
@@ -30,11 +36,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import delete, or_, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.sql.dml import Update
 from sqlmodel import Session, col, select
 
-from textcls import deployments, queue
+from textcls import deployments, joblog, queue
 from textcls.db import retry_db, session_scope
 from textcls.jobs import PipelineParams
 from textcls.models import FINAL_STATUSES, Job, JobStatus, Model, utcnow
@@ -45,9 +52,11 @@ from textcls.pipelines import (
     expected_children,
     pipeline_params,
     plan,
+    step_of,
 )
 from textcls.report import build_report
 from textcls.settings import get_settings
+from textcls.store import ArtifactStore, checkpoint_relpath
 
 log = logging.getLogger(__name__)
 
@@ -95,22 +104,49 @@ def transition(
 
 
 def _ended(job_id: int) -> None:
-    """After a job reached a final state: its pipeline (if any) moves on."""
+    """After a job reached a final state: its checkpoint goes, its pipeline (if any) moves on.
+
+    The job's own state is already committed, so nothing here raises on a
+    database outage: advancing is retried for ``db_retry_seconds``, and if the
+    database stays away the reaper's :func:`advance_stalled_pipelines` does it.
+    """
+    drop_checkpoint(job_id)
+    try:
+        parent = retry_db(lambda: _parent_of(job_id), f"job {job_id}'s pipeline")
+        if parent is None:
+            return
+        retry_db(lambda: advance(parent), f"advancing pipeline {parent}")
+    except (OperationalError, InterfaceError) as exc:
+        log.warning(
+            "job %s ended but the database is away (%s); the reaper advances its pipeline",
+            job_id,
+            str(exc).splitlines()[0],
+        )
+    except Exception:
+        log.exception("advancing the pipeline of job %s failed", job_id)
+        with contextlib.suppress(OperationalError, InterfaceError):
+            parent_id = _parent_of(job_id)
+            if parent_id is not None:
+                transition(
+                    parent_id,
+                    None,
+                    JobStatus.running,
+                    **final_values(JobStatus.failed, "internal error while advancing the pipeline"),
+                )
+
+
+def _parent_of(job_id: int) -> int | None:
     with session_scope() as s:
         job = s.get(Job, job_id)
-        parent_id = job.parent_id if job is not None else None
-    if parent_id is None:
-        return
+        return job.parent_id if job is not None else None
+
+
+def drop_checkpoint(job_id: int) -> None:
+    """Remove a job's training checkpoint (best effort: ``textcls check`` lists leftovers)."""
     try:
-        advance(parent_id)
-    except Exception:
-        log.exception("advancing pipeline %s failed", parent_id)
-        transition(
-            parent_id,
-            None,
-            JobStatus.running,
-            **final_values(JobStatus.failed, "internal error while advancing the pipeline"),
-        )
+        ArtifactStore().remove(checkpoint_relpath(job_id))
+    except OSError as exc:
+        log.warning("could not remove the checkpoint of job %s: %s", job_id, exc)
 
 
 # --------------------------------------------------------------------------- submit
@@ -211,6 +247,12 @@ def beat(job_id: int, attempt: int, **values: Any) -> Beat:
     return Beat(owned=True, cancel_requested=bool(wanted))
 
 
+def cancel_requested(job_id: int) -> bool:
+    """Whether someone asked the job to stop (a cheap read, between heartbeats)."""
+    with session_scope() as s:
+        return bool(s.exec(select(Job.cancel_requested).where(col(Job.id) == job_id)).first())
+
+
 def finish(job_id: int, attempt: int, status: JobStatus, error: str | None = None) -> bool:
     """Set a final status other than success if this attempt still owns the running job."""
     done = transition(job_id, attempt, JobStatus.running, **final_values(status, error))
@@ -245,25 +287,36 @@ def succeed(
         ):
             if replay is not None:
                 replay(s, job)
-            return True
-        if job is None or job.status != JobStatus.running or job.attempt != attempt:
+            # The first try may have stopped before its pipeline moved on: _ended again.
+        elif job is None or job.status != JobStatus.running or job.attempt != attempt:
             return False
-        output_model_id = record(s, job)
-        for key, value in final_values(JobStatus.succeeded).items():
-            setattr(job, key, value)
-        job.progress = 1.0
-        job.metrics = metrics
-        job.output_model_id = output_model_id
-        job.updated_at = utcnow()
-        s.add(job)
-        try:
-            s.commit()
-        except Exception:
-            if undo is not None:
-                undo()
-            raise
+        else:
+            _commit_success(s, job, metrics, record(s, job), undo)
     _ended(job_id)
     return True
+
+
+def _commit_success(
+    s: Session,
+    job: Job,
+    metrics: dict[str, Any],
+    output_model_id: int | None,
+    undo: Callable[[], None] | None,
+) -> None:
+    """Set the success columns on the job and commit; ``undo`` runs if the commit fails."""
+    for key, value in final_values(JobStatus.succeeded).items():
+        setattr(job, key, value)
+    job.progress = 1.0
+    job.metrics = metrics
+    job.output_model_id = output_model_id
+    job.updated_at = utcnow()
+    s.add(job)
+    try:
+        s.commit()
+    except Exception:
+        if undo is not None:
+            undo()
+        raise
 
 
 # --------------------------------------------------------------------------- cancel
@@ -282,7 +335,7 @@ def cancel(job_id: int) -> None:
         return
     _cancel_tree(job)
     after = read_job(job_id)
-    if after is not None and after.parent_id is not None and after.status in FINAL_STATUSES:
+    if after is not None and after.status in FINAL_STATUSES:
         _ended(job_id)
 
 
@@ -291,6 +344,7 @@ def _cancel_tree(job: Job) -> None:
     cancelled = final_values(JobStatus.cancelled, CANCELLED_BY_REQUEST)
     if job.status == JobStatus.queued:
         if transition(job.id, job.attempt, JobStatus.queued, **cancelled):
+            drop_checkpoint(job.id)  # a requeued job may have one
             if job.task_id:
                 queue.revoke(job.task_id)
         else:  # claimed meanwhile: ask the worker instead
@@ -306,6 +360,49 @@ def _cancel_tree(job: Job) -> None:
     for child in children:
         if child.status not in FINAL_STATUSES:
             _cancel_tree(child)
+
+
+# --------------------------------------------------------------------------- deletion
+
+
+class NotFinished(Exception):
+    """A job to delete is not (or no longer) in a final state."""
+
+
+def forget_output_models(
+    session: Session, model_ids: Collection[int], *, keep: Collection[int] = ()
+) -> list[int]:
+    """Clear ``output_model_id`` where it names a model being deleted (caller's transaction).
+
+    Jobs in ``keep`` (deleted too) are left alone. The stage says which model
+    went; returns the ids of the jobs changed.
+    """
+    if not model_ids:
+        return []
+    stmt = select(Job).where(col(Job.output_model_id).in_(list(model_ids)))
+    changed = []
+    for job in session.exec(stmt):
+        if job.id in keep:
+            continue
+        job.stage = f"{job.stage or job.status}; output model {job.output_model_id} deleted"[:200]
+        job.output_model_id = None
+        job.updated_at = utcnow()
+        session.add(job)
+        assert job.id is not None
+        changed.append(job.id)
+    return changed
+
+
+def delete_finished(session: Session, job_ids: list[int]) -> None:
+    """Delete finished jobs' rows in this order (children first), in the caller's transaction.
+
+    Guarded like :func:`transition`: a job not in a final state is not
+    deleted, and :class:`NotFinished` is raised (the caller rolls back).
+    """
+    for job_id in job_ids:
+        stmt = delete(Job).where(col(Job.id) == job_id).where(col(Job.status).in_(FINAL_STATUSES))
+        if not session.exec(stmt).rowcount:
+            raise NotFinished(f"job {job_id} is not finished")
 
 
 # --------------------------------------------------------------------------- the reaper's sweeps
@@ -456,13 +553,67 @@ def resend_lost_messages() -> list[tuple[int, str]]:
     return actions
 
 
+def advance_stalled_pipelines() -> list[tuple[int, str]]:
+    """Advance (or finish) each running pipeline that nothing else will move on.
+
+    A child's worker advances its pipeline right after the child ends; a
+    database outage or a kill between the two leaves the parent ``running``
+    with every child final. A parent in that state for ``heartbeat_timeout``
+    seconds (or, with no child at all, whose own worker died before
+    submitting the first step) is advanced here: :func:`advance` is safe to
+    call again. Returns (parent id, new status or "advanced") pairs.
+    """
+    cutoff = utcnow() - timedelta(seconds=get_settings().heartbeat_timeout)
+    with session_scope() as s:
+        parents = set(
+            s.exec(
+                select(Job.id)
+                .where(col(Job.kind) == "pipeline")
+                .where(col(Job.status) == JobStatus.running)
+                .where(col(Job.updated_at) < cutoff)
+            )
+        )
+        # Parents with a step still at work, or one that just ended (its worker
+        # is advancing the pipeline now), are not stalled.
+        busy = set(
+            s.exec(
+                select(Job.parent_id)
+                .where(col(Job.parent_id).in_(parents))
+                .where(
+                    or_(
+                        col(Job.status).not_in(FINAL_STATUSES),
+                        col(Job.finished_at).is_(None),
+                        col(Job.finished_at) >= cutoff,
+                    )
+                )
+            )
+        )
+    actions: list[tuple[int, str]] = []
+    for parent_id in sorted(p for p in parents - busy if p is not None):
+        advance(parent_id)
+        after = read_job(parent_id)
+        action = "advanced" if after is None or after.status == JobStatus.running else after.status
+        log.warning("pipeline %s was stalled with every step final: %s", parent_id, action)
+        actions.append((parent_id, str(action)))
+    return actions
+
+
 # --------------------------------------------------------------------------- pipelines
 
 
 def _lock_parent(session: Session, parent_id: int) -> Job | None:
+    """The parent row, locked until the session's transaction ends.
+
+    PostgreSQL locks the row. SQLite has no row locks: a write as the first
+    statement takes the database's write lock for the transaction instead, so
+    two advances (a worker's and the reaper's) run one after the other and the
+    second sees the first one's child.
+    """
     stmt = select(Job).where(col(Job.id) == parent_id)
     if session.get_bind().dialect.name == "postgresql":
         stmt = stmt.with_for_update()
+    else:
+        session.exec(update(Job).where(col(Job.id) == parent_id).values(updated_at=Job.updated_at))
     return session.exec(stmt).first()
 
 
@@ -475,7 +626,8 @@ def _finish_parent(s: Session, parent: Job, status: JobStatus, error: str | None
         parent.progress = 1.0
     s.add(parent)
     s.commit()
-    log.info("pipeline %s %s%s", parent.id, status, f": {error}" if error else "")
+    assert parent.id is not None
+    _note(parent.id, f"pipeline {status}" + (f": {error}" if error else ""))
 
 
 def advance(parent_id: int) -> None:
@@ -512,14 +664,20 @@ def advance(parent_id: int) -> None:
             return
         parent.progress = min(0.99, len(children) / max(1, expected_children(params)))
         if step is not None:
-            _submit_step(s, parent, params, step)
+            _submit_step(s, parent, params, step, after=children[-1] if children else None)
             return
         _conclude(s, parent, params)
 
 
-def _submit_step(s: Session, parent: Job, params: PipelineParams, step: Step) -> None:
-    """Submit a pipeline's next child (the parent's lock ends with the commit)."""
+def _submit_step(
+    s: Session, parent: Job, params: PipelineParams, step: Step, *, after: Job | None
+) -> None:
+    """Submit a pipeline's next child (the parent's lock ends with the commit).
+
+    ``after`` is the step that just ended, named in the parent's log.
+    """
     assert parent.id is not None
+    before = "" if after is None else f" after {_describe_step(after)}"
     child_params = {**step.params, STEP_KEY: step.name}
     try:
         child = submit(s, step.kind, child_params, child_queue(step, params), parent=parent)
@@ -529,7 +687,17 @@ def _submit_step(s: Session, parent: Job, params: PipelineParams, step: Step) ->
         if locked is not None and locked.status == JobStatus.running:
             _finish_parent(s, locked, JobStatus.failed, f"could not submit {step.name}: {exc}")
         return
-    log.info("pipeline %s: submitted %s as job %s", parent.id, step.name, child.id)
+    _note(parent.id, f"submitted step {step.name} as job {child.id}{before}")
+
+
+def _describe_step(child: Job) -> str:
+    out = f" (model {child.output_model_id})" if child.output_model_id is not None else ""
+    return f"step {step_of(child)} (job {child.id}) {child.status}{out}"
+
+
+def _note(job_id: int, message: str) -> None:
+    """Log a pipeline event and keep it in the pipeline's own log (``GET /jobs/{id}/logs``)."""
+    joblog.note(ArtifactStore(), job_id, message, logger=log)
 
 
 def _conclude(s: Session, parent: Job, params: PipelineParams) -> None:

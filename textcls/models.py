@@ -53,8 +53,15 @@ class DatasetBase(SQLModel):
     name: str = Field(max_length=200)
     rows: int
     num_labels: int
-    label_counts: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON))
-    sha256: str = Field(max_length=64)
+    label_counts: dict[str, int] = Field(
+        default_factory=dict,
+        sa_column=Column(JSON),
+        description="rows per class, keyed by class name (an unnamed class: its id)",
+    )
+    # The name of each class id (None: the labels are plain ids); see pipeline.data.
+    label_names: list[str] | None = Field(default=None, sa_column=Column(JSON))
+    labelled: bool = Field(default=True, description="false: sentences only, no labels")
+    sha256: str = Field(max_length=64, description="of the file as uploaded")
     size_bytes: int
 
 
@@ -141,6 +148,8 @@ class ModelBase(SQLModel):
     job_id: int | None = Field(default=None, foreign_key="jobs.id")
     size_bytes: int
     num_labels: int
+    # The name of each class id, from the training data (None: plain ids).
+    label_names: list[str] | None = Field(default=None, sa_column=Column(JSON))
     info: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
 
 

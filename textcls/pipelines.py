@@ -24,8 +24,13 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "quantize": ("export",),
 }
 PYTORCH_STEPS = ("train", "prune", "distill")
+# Kinds that run on the target device of a target_device=gpu pipeline, so the
+# variant is chosen by latencies measured there (and fp16 is fused for CUDA).
+TARGET_KINDS = ("evaluate", "fp16")
 # The key in a child's params that names its step (bookkeeping, never user input).
 STEP_KEY = "_step"
+BASELINE_STEP = "baseline"
+PRETRAIN_STEP = "pretrain"
 
 
 @dataclass
@@ -47,10 +52,25 @@ def step_of(job: Job) -> str:
 
 
 def child_queue(step: Step, p: PipelineParams) -> str:
-    """The queue of a child: the kind's default, training on ``gpu`` for a gpu target."""
-    if step.kind in PYTORCH_STEPS and p.target_device == "gpu":
+    """The queue of a child: the kind's default; for a gpu target, training,
+    evaluation and fp16 on ``gpu``."""
+    if p.target_device == "gpu" and step.kind in (*PYTORCH_STEPS, *TARGET_KINDS):
         return "gpu"
     return DEFAULT_QUEUE[step.kind]
+
+
+def eval_device(p: PipelineParams) -> str:
+    """The ``device`` of a pipeline's evaluations: the target's.
+
+    A cpu target times on the CPU even on a worker with a GPU. A gpu target
+    uses the pipeline's ``device`` when it names a CUDA device (then a worker
+    without one fails the evaluation), else ``auto``: CUDA on a worker that has
+    it, the CPU otherwise, and the evaluation records which
+    (:func:`textcls.report.build_report` flags a gpu target timed on a CPU).
+    """
+    if p.target_device == "cpu":
+        return "cpu"
+    return p.device if p.device.startswith("cuda") else "auto"
 
 
 def _training(p: PipelineParams) -> dict[str, Any]:
@@ -59,12 +79,34 @@ def _training(p: PipelineParams) -> dict[str, Any]:
 
 
 def _model_step(name: str, p: PipelineParams, source: int | None) -> Step:
-    """The job that produces step ``name``'s model from ``source``."""
+    """The job that produces step ``name``'s model from ``source``.
+
+    For ``train``, ``source`` is the pretrain step's model, if there is one.
+    """
     t = _training(p)
+    if name == "pretrain":
+        # MLM on the training sentences; the fine-tuning learning rate is not its.
+        params = {
+            "dataset_ids": [p.dataset_id],
+            "base_model": p.base_model or "scratch:tiny",
+            "vocab": p.vocab,
+            "init_embeddings": p.init_embeddings,
+            **{k: v for k, v in t.items() if k != "learning_rate"},
+            "epochs": p.pretrain_epochs,
+        }
+        return Step("pretrain", "pretrain", params)
     if name == "train":
         # Checkpoints are chosen on a split of the training data, so the
         # evaluation set stays held out for the comparison.
-        params = {"dataset_id": p.dataset_id, "base_model": p.base_model or "scratch:tiny", **t}
+        params = {
+            "dataset_id": p.dataset_id,
+            "base_model": p.base_model or "scratch:tiny",
+            "vocab": p.vocab,
+            "init_embeddings": p.init_embeddings,
+            **t,
+        }
+        if source is not None:
+            params["base_model_id"] = source
         return Step("train", "train", params)
     assert source is not None
     if name == "prune":
@@ -94,12 +136,24 @@ def _model_step(name: str, p: PipelineParams, source: int | None) -> Step:
 
 
 def _steps(p: PipelineParams) -> list[str]:
-    return [s for s in p.steps if s != "train" or p.model_id is None]
+    return [s for s in p.steps if s not in ("pretrain", "train") or p.model_id is None]
 
 
 def expected_children(p: PipelineParams) -> int:
-    """How many children the pipeline will have (a model step and an evaluate each)."""
-    return 2 * len(_steps(p)) + (1 if p.model_id is not None else 0)
+    """How many children the pipeline will have (a model step and an evaluate each;
+    pretrain's masked-LM model has no evaluation)."""
+    steps = _steps(p)
+    return (
+        2 * len(steps)
+        - int(PRETRAIN_STEP in steps)
+        + (1 if p.model_id is not None else 0)
+        + int(p.baseline)
+    )
+
+
+def _baseline_step(p: PipelineParams) -> Step:
+    params = {"dataset_id": p.dataset_id, "eval_dataset_id": p.eval_dataset_id, "seed": p.seed}
+    return Step(BASELINE_STEP, "baseline", params)
 
 
 def plan(p: PipelineParams, children: list[Job]) -> Step | None:
@@ -132,8 +186,8 @@ def plan(p: PipelineParams, children: list[Job]) -> Step | None:
             if name not in produced:
                 if name in submitted:
                     return None  # still running (or failed: the caller handles that)
-                src = None
-                if name != "train":
+                src = produced.get(PRETRAIN_STEP) if name == "train" else None
+                if name not in ("train", PRETRAIN_STEP):
                     src = next((produced[s] for s in SOURCES[name] if s in produced), None)
                     if src is None:
                         raise ValueError(
@@ -141,11 +195,19 @@ def plan(p: PipelineParams, children: list[Job]) -> Step | None:
                         )
                 return _model_step(name, p, src)
             model_id = produced[name]
+            if name == PRETRAIN_STEP:
+                continue  # a masked LM: nothing to classify with
         eval_name = f"evaluate:{name}"
         if model_id not in evaluated:
             if eval_name in submitted:
                 return None
-            return Step(
-                eval_name, "evaluate", {"model_id": model_id, "dataset_id": p.eval_dataset_id}
-            )
+            params = {
+                "model_id": model_id,
+                "dataset_id": p.eval_dataset_id,
+                "device": eval_device(p),
+            }
+            return Step(eval_name, "evaluate", params)
+    # Last, the yardstick: TF-IDF + logistic regression on the same rows.
+    if p.baseline and BASELINE_STEP not in submitted:
+        return _baseline_step(p)
     return None

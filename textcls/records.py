@@ -28,15 +28,25 @@ def add_dataset(
     rows: int,
     num_labels: int,
     label_counts: dict[str, int],
+    label_names: list[str] | None = None,
+    labelled: bool = True,
+    stored: bytes | None = None,
 ) -> Dataset:
-    """A ``datasets`` row for already validated TSV bytes, the file written into the store."""
+    """A ``datasets`` row for already validated TSV bytes, the file written into the store.
+
+    ``stored``: the bytes to keep, where they differ from the upload ``raw``
+    (a file of label names is kept with class ids); ``sha256`` is the upload's.
+    """
+    content = raw if stored is None else stored
     row = Dataset(
         name=name,
         rows=rows,
         num_labels=num_labels,
         label_counts=label_counts,
+        label_names=label_names,
+        labelled=labelled,
         sha256=hashlib.sha256(raw).hexdigest(),
-        size_bytes=len(raw),
+        size_bytes=len(content),
         path="",
     )
     session.add(row)
@@ -45,7 +55,7 @@ def add_dataset(
     row.path = store.dataset_relpath(row.id)
     with store.staging() as tmp:
         staged = tmp / "data.tsv"
-        staged.write_bytes(raw)
+        staged.write_bytes(content)
         store.commit(staged, row.path)
     return row
 
@@ -61,6 +71,7 @@ def add_model(
     parent_id: int | None = None,
     job_id: int | None = None,
     info: dict[str, Any] | None = None,
+    label_names: list[str] | None = None,
 ) -> Model:
     """A ``models`` row, its staged folder moved into the store (``None``: a row only)."""
     row = Model(
@@ -70,6 +81,7 @@ def add_model(
         job_id=job_id,
         size_bytes=dir_size(staged) if staged is not None else 0,
         num_labels=num_labels,
+        label_names=label_names,
         info=info or {},
         path="",
     )

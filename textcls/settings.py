@@ -7,15 +7,39 @@ import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Secrets that have been published as placeholders (earlier copies of
+# .env.example held these; it now leaves the secrets empty, which compose
+# refuses). A service refuses to start with one of them.
+EXAMPLE_SECRETS = frozenset(
+    {
+        "change-me",
+        "changeme",
+        "change-me-to-a-long-random-api-key",
+        "change-me-postgres-password",
+        "change-me-redis-password",
+    }
+)
+
+
+def _url_password(url: str | None) -> str | None:
+    if not url:
+        return None
+    password = urlsplit(url).password
+    return unquote(password) if password else None
 
 
 class Settings(BaseSettings):
     """Every knob of textcls. Each field maps to ``TEXTCLS_<FIELD>``."""
 
-    model_config = SettingsConfigDict(env_prefix="TEXTCLS_", extra="ignore")
+    # hide_input_in_errors: a refusal must not print the other settings' secrets.
+    model_config = SettingsConfigDict(
+        env_prefix="TEXTCLS_", extra="ignore", hide_input_in_errors=True
+    )
 
     data_dir: Path = Field(default=Path("textcls-data"), description="local state folder")
     database_url: str | None = Field(
@@ -59,6 +83,10 @@ class Settings(BaseSettings):
     # A worker retries a finished job's bookkeeping this long while the
     # database is unreachable, instead of throwing the work away.
     db_retry_seconds: float = 120.0
+    # train and distill save a resumable checkpoint (checkpoints/<job id>/ in
+    # the artifact store) after every epoch, and mid-epoch once this many
+    # minutes passed since the last one; a requeued attempt resumes from it.
+    checkpoint_minutes: float = Field(default=10.0, gt=0)
     visibility_timeout: int = 6 * 3600
 
     # Inference worker dynamic batching.
@@ -70,7 +98,9 @@ class Settings(BaseSettings):
     # A model call's fixed cost in padded tokens, for cutting batches into
     # length groups (0: one call per max_size texts however uneven).
     batch_call_overhead_tokens: int = 30
-    predict_chunk_size: int = 32
+    # Fairness bound: a text queued this long goes in the next model call
+    # whatever its length (0: the oldest text's length group always goes next).
+    batch_max_queue_ms: float = Field(default=0.0, ge=0.0)
     # Inference workers re-read the current deployment this often even without
     # a pub/sub message (a missed message or a Redis restart delays a switch,
     # never loses it).
@@ -81,6 +111,29 @@ class Settings(BaseSettings):
     # 0 leaves the libraries' defaults (one per core). On a host shared by
     # several workers, oversubscribed threads can be several times slower.
     worker_threads: int = Field(default=0, ge=0, le=1024)
+    # A job's log (logs/<id>.log in the artifact store) stops growing here.
+    job_log_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    # Prometheus metrics of each worker pool process: served on this port plus
+    # the process's pool index (0 = off); the host to bind them to.
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    worker_metrics_host: str = "127.0.0.1"
+
+    @model_validator(mode="after")
+    def _no_example_secrets(self) -> Settings:
+        """Refuse the published placeholder secrets (unset secrets stay allowed)."""
+        secrets = {
+            "TEXTCLS_API_KEY": self.api_key,
+            "TEXTCLS_PREDICT_API_KEY": self.predict_api_key,
+            "the password in TEXTCLS_DATABASE_URL": _url_password(self.database_url),
+            "the password in TEXTCLS_BROKER_URL": _url_password(self.broker_url),
+        }
+        public = [name for name, value in secrets.items() if value in EXAMPLE_SECRETS]
+        if public:
+            raise ValueError(
+                f"{', '.join(public)}: the placeholder from .env.example, which is public; "
+                "set a secret of your own (e.g. openssl rand -hex 32)"
+            )
+        return self
 
     @field_validator("model_import_dirs", mode="before")
     @classmethod

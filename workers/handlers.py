@@ -16,16 +16,20 @@ from pipeline.common import StepError
 from textcls import lifecycle
 from textcls.jobs import (
     TRAINING_KEYS,
+    BaselineParams,
     DistillParams,
     EvaluateParams,
     ExportParams,
     Fp16Params,
+    PredictParams,
+    PretrainParams,
     PruneParams,
     QuantizeParams,
     TrainingParams,
     TrainParams,
 )
-from textcls.models import Evaluation, Job, Model, ModelFormat, utcnow
+from textcls.labels import label_set_problem
+from textcls.models import Dataset, Evaluation, Job, Model, ModelFormat, utcnow
 from workers.runner import JobContext, NewModel, Outcome, handler
 
 log = logging.getLogger(__name__)
@@ -33,12 +37,23 @@ log = logging.getLogger(__name__)
 CHECK_TEXTS = 64
 
 
-def _model_of_format(ctx: JobContext, model_id: int, allowed: str, kind: str) -> tuple[Model, Path]:
-    """The source model of a step that takes one format, and its folder."""
+def _model_of_format(
+    ctx: JobContext, model_id: int, allowed: str, kind: str, *, masked_lm: bool = False
+) -> tuple[Model, Path]:
+    """The source model of a step that takes one format, and its folder.
+
+    A masked-LM model (a pretrain job's, 0 labels) is refused unless
+    ``masked_lm``: only train and pretrain can start from one.
+    """
     model, folder = ctx.model(model_id)
     if model.format != allowed:
         raise StepError(
             f"{kind} needs a model of format {allowed}; model {model.id} is {model.format}"
+        )
+    if not masked_lm and model.num_labels == 0:
+        raise StepError(
+            f"model {model.id} is a masked language model (a pretrain output, no classifier): "
+            f"{kind} needs a classifier; train one on it first (train base_model_id={model.id})"
         )
     return model, folder
 
@@ -52,12 +67,11 @@ def _check_texts(ctx: JobContext, dataset_id: int | None) -> list[str] | None:
     return read_tsv(path).texts[:CHECK_TEXTS]
 
 
-def _check_labels(model: Model, dataset_num_labels: int, dataset_id: int) -> None:
-    if dataset_num_labels > model.num_labels:
-        raise StepError(
-            f"dataset {dataset_id} has labels up to {dataset_num_labels - 1} but model "
-            f"{model.id} has {model.num_labels} labels"
-        )
+def _check_labels(model: Model, dataset: Dataset) -> None:
+    """The API refused a mismatch already; the rows may have changed since."""
+    problem = label_set_problem(model, dataset)
+    if problem:
+        raise StepError(problem)
 
 
 def _arch_info(folder: Path) -> dict[str, Any]:
@@ -88,6 +102,7 @@ def _derived(
             name=f"{prefix}-{ctx.job_id}",
             parent_id=source.id,
             info=info,
+            label_names=source.label_names,
         ),
     )
 
@@ -97,13 +112,24 @@ def _training_kwargs(ctx: JobContext, p: TrainingParams) -> dict[str, Any]:
     return {**{k: getattr(p, k) for k in TRAINING_KEYS}, "progress": ctx.progress}
 
 
+def _require_device(device: str) -> None:
+    """Fail a job at its start when this worker lacks the device it asks for.
+
+    The API checks the syntax only; the message names the device and what this
+    worker has (``torch.cuda.is_available()``, ``device_count``).
+    """
+    from pipeline.device import resolve_device
+
+    resolve_device(device)
+
+
 def _pytorch_input(
     ctx: JobContext, model_id: int, dataset_id: int, kind: str
 ) -> tuple[Model, Path, Path]:
     """A pytorch source model and a dataset whose labels it covers."""
     model, model_dir = _model_of_format(ctx, model_id, ModelFormat.pytorch, kind)
     ds, data_path = ctx.dataset(dataset_id)
-    _check_labels(model, ds.num_labels, dataset_id)
+    _check_labels(model, ds)
     return model, model_dir, data_path
 
 
@@ -112,18 +138,29 @@ def run_train(ctx: JobContext) -> Outcome:
     from pipeline.train import train
 
     p = cast(TrainParams, ctx.params)
-    _, train_path = ctx.dataset(p.dataset_id)
+    _require_device(p.device)
+    train_ds, train_path = ctx.dataset(p.dataset_id)
     eval_path = ctx.dataset(p.eval_dataset_id)[1] if p.eval_dataset_id is not None else None
+    base_model, parent_id = p.base_model, None
+    if p.base_model_id is not None:
+        base, base_dir = _model_of_format(
+            ctx, p.base_model_id, ModelFormat.pytorch, "train", masked_lm=True
+        )
+        base_model, parent_id = str(base_dir), base.id
     result = train(
         train_path,
         ctx.out_dir(),
         eval_tsv=eval_path,
-        base_model=p.base_model,
+        base_model=base_model,
+        vocab=p.vocab,
+        init_embeddings=p.init_embeddings,
+        label_names=train_ds.label_names,
+        checkpoint=ctx.checkpointer(),
         **_training_kwargs(ctx, p),
     )
     info = {
         **_arch_info(result.model_dir),
-        "base_model": p.base_model,
+        "base_model": p.base_model if parent_id is None else f"model {parent_id}",
         "dataset_id": p.dataset_id,
         "max_length": p.max_length,
     }
@@ -134,6 +171,50 @@ def run_train(ctx: JobContext) -> Outcome:
             format=ModelFormat.pytorch,
             num_labels=result.num_labels,
             name=f"train-{ctx.job_id}",
+            parent_id=parent_id,
+            info=info,
+            label_names=train_ds.label_names,
+        ),
+    )
+
+
+@handler("pretrain")
+def run_pretrain(ctx: JobContext) -> Outcome:
+    from pipeline.pretrain import pretrain
+
+    p = cast(PretrainParams, ctx.params)
+    _require_device(p.device)
+    corpus = [ctx.dataset(i)[1] for i in p.dataset_ids]
+    base_model, parent_id = p.base_model, None
+    if p.base_model_id is not None:
+        base, base_dir = _model_of_format(
+            ctx, p.base_model_id, ModelFormat.pytorch, "pretrain", masked_lm=True
+        )
+        base_model, parent_id = str(base_dir), base.id
+    result = pretrain(
+        corpus,
+        ctx.out_dir(),
+        base_model=base_model,
+        vocab=p.vocab,
+        init_embeddings=p.init_embeddings,
+        mask_prob=p.mask_prob,
+        **_training_kwargs(ctx, p),
+    )
+    info = {
+        **_arch_info(result.model_dir),
+        "task": "masked-lm",
+        "base_model": p.base_model if parent_id is None else f"model {parent_id}",
+        "dataset_ids": p.dataset_ids,
+        "max_length": p.max_length,
+    }
+    return Outcome(
+        metrics=result.metrics,
+        model=NewModel(
+            folder=result.model_dir,
+            format=ModelFormat.pytorch,
+            num_labels=0,
+            name=f"pretrain-{ctx.job_id}",
+            parent_id=parent_id,
             info=info,
         ),
     )
@@ -144,6 +225,7 @@ def run_prune(ctx: JobContext) -> Outcome:
     from pipeline.prune import prune
 
     p = cast(PruneParams, ctx.params)
+    _require_device(p.device)
     model, model_dir, data_path = _pytorch_input(ctx, p.model_id, p.dataset_id, "prune")
     result = prune(
         model_dir,
@@ -168,6 +250,7 @@ def run_distill(ctx: JobContext) -> Outcome:
     from pipeline.distill import distill
 
     p = cast(DistillParams, ctx.params)
+    _require_device(p.device)
     teacher, teacher_dir, data_path = _pytorch_input(
         ctx, p.teacher_model_id, p.dataset_id, "distill"
     )
@@ -181,6 +264,7 @@ def run_distill(ctx: JobContext) -> Outcome:
         student_model_dir=Path(p.student_model_dir) if p.student_model_dir else None,
         temperature=p.temperature,
         hidden_match=p.hidden_match,
+        checkpoint=ctx.checkpointer(),
         **_training_kwargs(ctx, p),
     )
     return _derived(
@@ -199,13 +283,13 @@ def run_export(ctx: JobContext) -> Outcome:
 
     p = cast(ExportParams, ctx.params)
     model, model_dir = _model_of_format(ctx, p.model_id, ModelFormat.pytorch, "export")
-    result = export_onnx(
+    result = ctx.run_killable(
+        export_onnx,
         model_dir,
         ctx.out_dir(),
         check_texts=_check_texts(ctx, p.dataset_id),
         opset=p.opset,
         atol=p.atol,
-        progress=ctx.progress,
     )
     return _derived(ctx, result, model, ModelFormat.onnx, "onnx", {**model.info, "opset": p.opset})
 
@@ -216,12 +300,12 @@ def run_fp16(ctx: JobContext) -> Outcome:
 
     p = cast(Fp16Params, ctx.params)
     model, model_dir = _model_of_format(ctx, p.model_id, ModelFormat.onnx, "fp16")
-    result = to_fp16(
+    result = ctx.run_killable(
+        to_fp16,
         model_dir,
         ctx.out_dir(),
         use_gpu=p.use_gpu,
         check_texts=_check_texts(ctx, p.dataset_id),
-        progress=ctx.progress,
     )
     return _derived(ctx, result, model, ModelFormat.onnx_fp16, "fp16", dict(model.info))
 
@@ -232,12 +316,12 @@ def run_quantize(ctx: JobContext) -> Outcome:
 
     p = cast(QuantizeParams, ctx.params)
     model, model_dir = _model_of_format(ctx, p.model_id, ModelFormat.onnx, "quantize")
-    result = quantize_int8(
+    result = ctx.run_killable(
+        quantize_int8,
         model_dir,
         ctx.out_dir(),
         per_channel=p.per_channel,
         check_texts=_check_texts(ctx, p.dataset_id),
-        progress=ctx.progress,
     )
     return _derived(
         ctx,
@@ -255,14 +339,19 @@ def run_evaluate(ctx: JobContext) -> Outcome:
 
     p = cast(EvaluateParams, ctx.params)
     model, model_dir = ctx.model(p.model_id)
+    if model.num_labels == 0:
+        raise StepError(f"model {model.id} is a masked language model: nothing to evaluate")
+    if model.format == ModelFormat.pytorch:
+        _require_device(p.device)  # ONNX models: load_predictor checks the CUDA provider
     ds, data_path = ctx.dataset(p.dataset_id)
-    _check_labels(model, ds.num_labels, p.dataset_id)
-    metrics = evaluate(
+    _check_labels(model, ds)
+    metrics = ctx.run_killable(
+        evaluate,
         model_dir,
         data_path,
         batch_size=p.batch_size,
         latency_runs=p.latency_runs,
-        progress=ctx.progress,
+        device=p.device,
         threads=ctx.threads,
     )
 
@@ -281,6 +370,43 @@ def run_evaluate(ctx: JobContext) -> Outcome:
         session.add(row)
 
     return Outcome(metrics=metrics, on_success=record)
+
+
+@handler("baseline")
+def run_tfidf_baseline(ctx: JobContext) -> Outcome:
+    """Fit and score the TF-IDF + logistic-regression yardstick (nothing registered)."""
+    from pipeline.baseline import run_baseline
+
+    p = cast(BaselineParams, ctx.params)
+    _, train_path = ctx.dataset(p.dataset_id)
+    _, eval_path = ctx.dataset(p.eval_dataset_id)
+    return Outcome(metrics=run_baseline(train_path, eval_path, seed=p.seed, progress=ctx.progress))
+
+
+@handler("predict")
+def run_predict(ctx: JobContext) -> Outcome:
+    """Score a dataset (labels, if any, ignored) into ``predictions/<job id>.tsv``."""
+    from pipeline.predict import predict
+
+    p = cast(PredictParams, ctx.params)
+    _, model_dir = ctx.model(p.model_id)
+    _, data_path = ctx.dataset(p.dataset_id)
+    staged = ctx.out_dir("predictions") / "predictions.tsv"
+    metrics = predict(
+        model_dir,
+        data_path,
+        staged,
+        batch_size=p.batch_size,
+        progress=ctx.progress,
+        threads=ctx.threads,
+    )
+    relpath = ctx.store.predictions_relpath(ctx.job_id)
+
+    def place(_session: Session, _job: Job, _model: Model | None) -> None:
+        # Renamed into place inside the final transaction: a retry replaces it.
+        ctx.store.commit(staged, relpath)
+
+    return Outcome(metrics={**metrics, "predictions_path": relpath}, on_success=place)
 
 
 @handler("pipeline")

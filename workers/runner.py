@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import Session
@@ -25,13 +25,24 @@ from pipeline.common import JobCancelled, StepError
 from pipeline.runtime import torch_threads
 from textcls import lifecycle
 from textcls.db import retry_db, session_scope
+from textcls.joblog import JobLog
 from textcls.jobs import JobParams, parse_params, user_params
 from textcls.models import Dataset, Job, JobStatus, Model
+from textcls.pipelines import step_of
 from textcls.records import add_model
 from textcls.settings import get_settings
-from textcls.store import ArtifactStore
+from textcls.store import ArtifactStore, checkpoint_relpath
+from workers.isolate import run_killable
+from workers.metrics import METRICS
+
+if TYPE_CHECKING:  # torch comes with it: imported when a training step runs
+    from pipeline.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# How often a running job looks for a cancel request (between its beats).
+CANCEL_POLL_SECONDS = 1.0
 
 
 @dataclass
@@ -44,6 +55,7 @@ class NewModel:
     name: str
     parent_id: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    label_names: list[str] | None = None
 
 
 @dataclass
@@ -80,7 +92,9 @@ class JobContext:
         self.store = store
         self._beat = beat
         self._last_write = 0.0
-        self.staging_dir = store.tmp_dir()
+        self._last_stage: str | None = None
+        # Named after the job, so `textcls gc` leaves a running job's folder alone.
+        self.staging_dir = store.tmp_dir(owner=f"job-{job.id}")
 
     def dataset(self, dataset_id: int) -> tuple[Dataset, Path]:
         with session_scope() as s:
@@ -97,13 +111,15 @@ class JobContext:
             return row, self.store.resolve(row.path)
 
     def progress(self, fraction: float, stage: str | None = None) -> None:
-        """Record progress (throttled) and stop between batches when cancelled."""
+        """Record progress (throttled; a new stage always) and stop when cancelled."""
         if self._beat.cancelled.is_set():
             raise JobCancelled("cancelled by request")
         now = time.monotonic()
-        if now - self._last_write < 1.0 and fraction < 1.0:
+        new_stage = stage is not None and stage != self._last_stage
+        if now - self._last_write < 1.0 and fraction < 1.0 and not new_stage:
             return
         self._last_write = now
+        self._last_stage = stage if stage is not None else self._last_stage
         values: dict[str, Any] = {"progress": max(0.0, min(1.0, float(fraction)))}
         if stage is not None:
             values["stage"] = stage[:200]
@@ -111,6 +127,30 @@ class JobContext:
             self._beat.update(values)
         except (OperationalError, InterfaceError) as exc:  # best effort: the work goes on
             log.warning("job %s: could not record progress: %s", self.job_id, exc)
+
+    def run_killable(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run a step function that reports no progress for long in a child process.
+
+        ``fn(*args, **kwargs, progress=…)`` runs in the child; its progress
+        comes back to :meth:`progress`, and a cancel kills it at once
+        (:func:`workers.isolate.run_killable`).
+        """
+        return run_killable(
+            fn,
+            *args,
+            progress=self.progress,
+            cancelled=self._beat.cancelled,
+            step_threads=self.threads,
+            **kwargs,
+        )
+
+    def checkpointer(self) -> Checkpointer:
+        """Where a training step saves its resumable state (kept across attempts)."""
+        from pipeline.checkpoint import Checkpointer
+
+        minutes = get_settings().checkpoint_minutes
+        folder = self.store.resolve(checkpoint_relpath(self.job_id))
+        return Checkpointer(folder, every_seconds=minutes * 60)
 
     def out_dir(self, name: str = "model") -> Path:
         path = self.staging_dir / name
@@ -141,6 +181,7 @@ class Heartbeat:
     def update(self, values: dict[str, Any]) -> None:
         """Record ``values`` (progress, stage) if this attempt still owns the job."""
         result = lifecycle.beat(self.job_id, self.attempt, **values)
+        METRICS.beat()
         if not result.owned:
             # Reaped, or the row changed hands: stop working on it.
             self.lost.set()
@@ -148,9 +189,17 @@ class Heartbeat:
             self.cancelled.set()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        # Cancel requests are read more often than the job beats, so a cancel
+        # takes effect within about a second whatever the beat interval.
+        poll = min(self.interval, CANCEL_POLL_SECONDS)
+        next_beat = time.monotonic() + self.interval
+        while not self._stop.wait(poll):
             try:
-                self.update({})
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.interval
+                    self.update({})
+                elif lifecycle.cancel_requested(self.job_id):
+                    self.cancelled.set()
             except Exception:  # the database may be briefly away; keep beating
                 log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
 
@@ -186,6 +235,7 @@ def _register(ctx: JobContext, job_id: int, attempt: int, outcome: Outcome) -> b
                 parent_id=nm.parent_id,
                 job_id=job_id,
                 info=nm.info,
+                label_names=nm.label_names,
             )
             placed.append(model.path)
         if outcome.on_success is not None:
@@ -218,14 +268,28 @@ def _unplace(store: ArtifactStore, relpath: str, staged: Path) -> None:
 
 def execute_job(job_id: int, attempt: int, worker: str = "worker") -> str:
     """Run one job to a final state; returns what happened (for logs and tests)."""
-    settings = get_settings()
     job = lifecycle.claim(job_id, attempt, worker)
     if job is None:
         log.info(
             "job %s attempt %s: not queued for this attempt, skipping message", job_id, attempt
         )
         return "skipped"
-    log.info("job %s (%s) attempt %s started on %s", job_id, job.kind, attempt, worker)
+    # The job's log records (this thread's and its heartbeat's) go to logs/<id>.log.
+    settings = get_settings()
+    store = ArtifactStore(settings.resolved_artifact_dir())
+    with JobLog(store, job_id, max_bytes=settings.job_log_max_bytes):
+        log.info("job %s (%s) attempt %s started on %s", job_id, job.kind, attempt, worker)
+        step = step_of(job) if job.parent_id is not None else None
+        with METRICS.track(job.kind, step) as record:
+            record.outcome = _run_claimed(job, attempt)
+    return record.outcome
+
+
+def _run_claimed(job: Job, attempt: int) -> str:
+    """Run a job this attempt has claimed; returns what happened."""
+    assert job.id is not None
+    job_id = job.id
+    settings = get_settings()
     store = ArtifactStore(settings.resolved_artifact_dir())
     with Heartbeat(job_id, attempt, settings.heartbeat_interval) as beat:
         ctx: JobContext | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Annotated
@@ -18,7 +19,7 @@ from api.deps import (
     get_or_404,
     newest_first,
 )
-from pipeline.data import TSVError, parse_tsv
+from pipeline.data import TSVError, canonical_tsv, parse_tsv
 from textcls.models import Dataset, DatasetPublic
 from textcls.records import add_dataset
 from textcls.store import ArtifactStore
@@ -44,6 +45,23 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _parse_label_names(value: str | None) -> list[str] | None:
+    """The ``label_names`` form field: a JSON list of strings (checked further by the parser)."""
+    if value is None:
+        return None
+    try:
+        names = json.loads(value)
+    except ValueError:
+        names = None
+    if not isinstance(names, list):
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail='label_names must be a JSON list of names like ["neg", "pos"], '
+            f"got {value[:80]!r}",
+        )
+    return names
+
+
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
@@ -53,12 +71,28 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
 async def upload_dataset(
     session: SessionDep,
     settings: SettingsDep,
-    file: Annotated[UploadFile, File(description="TSV: index<TAB>sentence<TAB>label")],
+    file: Annotated[
+        UploadFile,
+        File(
+            description="TSV: index<TAB>sentence<TAB>label (ids or names), or "
+            "index<TAB>sentence for unlabelled text"
+        ),
+    ],
     name: Annotated[str | None, Form(max_length=200)] = None,
+    label_names: Annotated[
+        str | None,
+        Form(
+            description='JSON list naming the class ids in order, e.g. ["neg", "pos"]; '
+            "for a file of names it fixes their ids (default: sorted by name)"
+        ),
+    ] = None,
 ) -> Dataset:
+    """Upload a dataset. Names in the label column get ids in sorted order unless
+    ``label_names`` gives the order; the stored file holds the ids."""
     data = await _read_limited(file, settings.max_upload_bytes)
+    names = _parse_label_names(label_names)
     try:
-        parsed = parse_tsv(data, max_bytes=settings.max_upload_bytes)
+        parsed = parse_tsv(data, max_bytes=settings.max_upload_bytes, label_names=names)
     except TSVError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
     display = name if name is not None else (file.filename or "dataset")
@@ -78,6 +112,10 @@ async def upload_dataset(
         rows=len(parsed),
         num_labels=parsed.num_labels,
         label_counts=parsed.label_counts(),
+        label_names=parsed.label_names,
+        labelled=parsed.labelled,
+        # A file of names is kept with class ids: every step reads ids.
+        stored=canonical_tsv(parsed) if parsed.names_in_file else None,
     )
     try:
         session.commit()

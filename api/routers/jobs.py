@@ -7,7 +7,7 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
-from fastapi.responses import HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse
 from pydantic import ValidationError
 from sqlmodel import Session, select
 
@@ -17,6 +17,7 @@ from api.deps import (
     Offset,
     PathId,
     SessionDep,
+    SettingsDep,
     WriteAccess,
     get_or_404,
     newest_first,
@@ -24,9 +25,18 @@ from api.deps import (
 )
 from api.report_html import render_report
 from textcls import lifecycle
-from textcls.jobs import DATASET_FIELDS, KIND_PARAMS, MODEL_FIELDS, parse_params, queue_for
+from textcls.jobs import (
+    DATASET_FIELDS,
+    DATASET_LIST_FIELDS,
+    KIND_PARAMS,
+    MODEL_FIELDS,
+    parse_params,
+    queue_for,
+)
+from textcls.labels import job_label_problems
 from textcls.models import FINAL_STATUSES, Dataset, Job, JobCreate, JobPublic, JobStatus, Model
 from textcls.report import pipeline_report
+from textcls.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -57,7 +67,7 @@ def validate_job(session: Session, body: JobCreate) -> tuple[dict[str, Any], str
                 for e in exc.errors(include_url=False, include_context=False)
             ]
         ) from None
-    references = [(f, Dataset, "dataset") for f in DATASET_FIELDS] + [
+    references = [(f, Dataset, "dataset") for f in (*DATASET_FIELDS, *DATASET_LIST_FIELDS)] + [
         (f, Model, "model") for f in MODEL_FIELDS
     ]
     errors = [
@@ -67,11 +77,25 @@ def validate_job(session: Session, body: JobCreate) -> tuple[dict[str, Any], str
             "type": "not_found",
         }
         for name, table, what in references
-        if (value := getattr(params, name, None)) is not None and session.get(table, value) is None
+        for value in _ids(getattr(params, name, None))
+        if session.get(table, value) is None
     ]
     if errors:
         raise _unprocessable(errors)
+    label_errors = [
+        {"loc": ["body", "params", name], "msg": msg, "type": "label_set"}
+        for name, msg in job_label_problems(session, body.kind, params).items()
+    ]
+    if label_errors:
+        raise _unprocessable(label_errors)
     return params.model_dump(mode="json", exclude_unset=True), queue_for(body.kind, params)
+
+
+def _ids(value: int | list[int] | None) -> list[int]:
+    """A reference parameter's ids: none, one, or a list's."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
 
 
 @router.post(
@@ -142,3 +166,40 @@ def get_report_html(session: SessionDep, job_id: PathId) -> HTMLResponse:
     """The same comparison as a self-contained page with an accuracy/latency chart."""
     job = _pipeline_or_404(session, job_id)
     return HTMLResponse(render_report(pipeline_report(session, job), str(job.status)))
+
+
+TSV_MEDIA_TYPE = "text/tab-separated-values; charset=utf-8"
+
+
+@router.get(
+    "/{job_id}/predictions",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {TSV_MEDIA_TYPE: {}},
+            "description": "index<TAB>sentence<TAB>category<TAB>label<TAB>probability",
+        },
+        404: {"description": "no such job, not a predict job, or its output is gone"},
+        409: {"description": "the job has not succeeded (yet)"},
+    },
+)
+def get_predictions(session: SessionDep, settings: SettingsDep, job_id: PathId) -> FileResponse:
+    """A ``predict`` job's output TSV, streamed from the artifact store in chunks."""
+    job = get_job(session, job_id)
+    if job.kind != "predict":
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            detail=f"job {job_id} is a {job.kind} job; only predict jobs have predictions",
+        )
+    if job.status != JobStatus.succeeded:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"job {job_id} is {job.status}; its predictions exist once it has succeeded",
+        )
+    store = ArtifactStore(settings.resolved_artifact_dir())
+    path = store.resolve(store.predictions_relpath(job_id))
+    if not path.is_file():
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, detail=f"job {job_id}'s predictions file is gone"
+        )
+    return FileResponse(path, media_type=TSV_MEDIA_TYPE, filename=f"predictions-{job_id}.tsv")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, HTTPException, Response, status
+from fastapi.responses import StreamingResponse
 from sqlmodel import Session, col, select
 
 from api.deps import (
@@ -11,11 +12,14 @@ from api.deps import (
     Offset,
     PathId,
     SessionDep,
+    SettingsDep,
     get_or_404,
     newest_first,
     where_given,
 )
+from textcls.modelcard import CARD_NAME, archive_name, model_card, stream_tar_gz
 from textcls.models import Evaluation, EvaluationPublic, Model, ModelPublic
+from textcls.store import ArtifactStore
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -81,3 +85,37 @@ def get_lineage(session: SessionDep, model_id: PathId) -> list[ModelPublic]:
     """The comparison view: the whole lineage with every evaluation, side by side."""
     model = get_model_or_404(session, model_id)
     return [to_public(session, m) for m in lineage(session, model)]
+
+
+@router.get(
+    "/{model_id}/download",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"application/gzip": {}},
+            "description": "model-<id>/: the model folder plus README.md, its model card",
+        },
+        404: {"description": "no such model, or its folder is missing"},
+    },
+)
+def download_model(session: SessionDep, settings: SettingsDep, model_id: PathId) -> Response:
+    """The model folder as a ``.tar.gz`` with a model card, streamed as it is written.
+
+    The card names the lineage, parameters, evaluations and label names, and
+    how to load the folder with plain transformers or onnxruntime.
+    """
+    model = get_model_or_404(session, model_id)
+    store = ArtifactStore(settings.resolved_artifact_dir())
+    folder = store.resolve(model.path)
+    if not folder.is_dir():
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, detail=f"model {model_id}'s folder {model.path!r} is missing"
+        )
+    card = model_card(session, model, folder).encode("utf-8")
+    name = archive_name(model)
+    chunks = (c for c in stream_tar_gz(name, folder, {CARD_NAME: card}) if c)
+    return StreamingResponse(
+        chunks,
+        media_type="application/gzip",
+        headers={"Content-Disposition": f'attachment; filename="{name}.tar.gz"'},
+    )

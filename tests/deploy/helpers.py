@@ -58,6 +58,7 @@ def register_model(
     name: str,
     num_labels: int = 2,
     fmt: str = "pytorch",
+    parent_id: int | None = None,
 ) -> int:
     """Write a Model row into the stack's database and copy ``folder`` into its store."""
     from sqlmodel import Session
@@ -72,7 +73,15 @@ def register_model(
         if folder is not None:
             staged = tmp / "m"
             shutil.copytree(folder, staged)
-        row = add_model(session, store, staged, name=name, format=fmt, num_labels=num_labels)
+        row = add_model(
+            session,
+            store,
+            staged,
+            name=name,
+            format=fmt,
+            num_labels=num_labels,
+            parent_id=parent_id,
+        )
         session.commit()
         assert row.id is not None
         return row.id

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from deploy.batcher import DynamicBatcher, length_groups
+from deploy.batcher import DynamicBatcher, length_groups, next_call
 from deploy.inference import PredictInputError, parse_predict_body
 
 
@@ -69,16 +69,14 @@ def test_concurrent_requests_share_batches_and_keep_order() -> None:
         assert [len(t) for t in call] == sorted(len(t) for t in call)
 
 
-def test_list_is_chunked_and_reassembled_in_order() -> None:
+def test_list_is_split_and_reassembled_in_order() -> None:
     model = FakeModel("a")
     texts = [f"{'好' * (i % 9 + 1)}" for i in range(50)]
 
     async def go(b: DynamicBatcher) -> Any:
         return await b.predict(model, texts)
 
-    (labels, probs), sizes = asyncio.run(
-        _with_batcher(go, max_batch_size=16, chunk_size=10, max_wait_s=0.001)
-    )
+    (labels, probs), sizes = asyncio.run(_with_batcher(go, max_batch_size=16, max_wait_s=0.001))
     assert (labels, probs) == _expected(texts)
     assert all(s <= 16 for s in sizes) and sum(sizes) == 50
 
@@ -147,7 +145,8 @@ def test_uneven_lengths_are_split_into_groups() -> None:
     async def go(b: DynamicBatcher) -> Any:
         # One request occupies the model while the rest queue up together.
         first = asyncio.ensure_future(b.predict(model, ["先"]))
-        await asyncio.sleep(0.01)
+        while not model.calls:  # the model thread has started the first call
+            await asyncio.sleep(0.001)
         rest = await asyncio.gather(*(b.predict(model, [t]) for t in texts))
         return await first, rest
 
@@ -162,12 +161,158 @@ def test_uneven_lengths_are_split_into_groups() -> None:
 
     async def go2(b: DynamicBatcher) -> Any:
         first = asyncio.ensure_future(b.predict(model2, ["先"]))
-        await asyncio.sleep(0.01)
+        while not model2.calls:
+            await asyncio.sleep(0.001)
         await asyncio.gather(*(b.predict(model2, [t]) for t in texts))
         return await first
 
     asyncio.run(_with_batcher(go2, max_batch_size=32, max_wait_s=0.0, call_overhead_tokens=0))
     assert [len(c) for c in model2.calls] == [1, 8]
+
+
+def test_an_overdue_oldest_text_goes_next_whatever_its_length() -> None:
+    # Text 0 is long and oldest; eight short texts queued after it.
+    ages = [0.5] + [0.01] * 8
+    lengths = [120] + [6] * 8
+    before = next_call(ages, lengths, max_size=32, overhead=30, max_queue_s=1.0)
+    assert before == [1, 2, 3, 4, 5, 6, 7, 8]  # not overdue yet: the cheap short group first
+    overdue = next_call(ages, lengths, max_size=32, overhead=30, max_queue_s=0.5)
+    assert overdue == [0]  # overdue: its own group, not padded with the short ones
+    # Grouping is kept where it pays: texts near its length go with it.
+    near = next_call([0.5, 0.1, 0.1], [120, 6, 118], max_size=32, overhead=30, max_queue_s=0.0)
+    assert sorted(near) == [0, 2]
+
+
+def _simulate(max_queue_s: float, steps: int, seed: int) -> dict[int, dict[str, Any]]:
+    """A queue fed with random texts (a few long), drained one next_call per step.
+
+    Time is simulated: each call advances the clock by its padded cost. Returns per
+    text: arrival, when it became overdue, how many calls passed it over while it was
+    overdue, and how many older texts were queued when it became overdue.
+    """
+    import random
+
+    rng = random.Random(seed)
+    clock, next_id = 0.0, 0
+    queue: list[int] = []  # ids, oldest first
+    info: dict[int, dict[str, Any]] = {}
+    for _ in range(steps):
+        for _ in range(rng.randint(0, 12)):
+            length = rng.choice([4, 6, 9, 12, 20, 40]) if rng.random() > 0.1 else 126
+            info[next_id] = {"at": clock, "length": length, "passed": 0, "older": None}
+            queue.append(next_id)
+            next_id += 1
+        if not queue:
+            clock += 0.001
+            continue
+        window = queue[:128]
+        ages = [clock - info[i]["at"] for i in window]
+        for i, age in zip(window, ages, strict=True):
+            if age >= max_queue_s and info[i]["older"] is None:
+                info[i]["older"] = queue.index(i)
+        picked = next_call(
+            ages, [info[i]["length"] for i in window], max_size=32, overhead=30,
+            max_queue_s=max_queue_s,
+        )  # fmt: skip
+        call = [window[k] for k in picked]
+        assert 1 <= len(call) <= 32
+        if ages[0] >= max_queue_s:
+            assert window[0] in call  # an overdue oldest text is never passed over
+        for i in queue:
+            if i not in call and info[i]["older"] is not None:
+                info[i]["passed"] += 1
+        queue = [i for i in queue if i not in call]
+        for i in call:
+            info[i]["served"] = clock
+        clock += 0.0003 + 0.00001 * len(call) * max(info[i]["length"] for i in call)
+    return info
+
+
+@pytest.mark.parametrize("max_queue_s", [0.0, 0.005, 0.02])
+def test_no_text_is_passed_over_more_than_the_bound_allows(max_queue_s: float) -> None:
+    """Once overdue, a text is passed over at most once per text queued before it."""
+    for seed in range(3):
+        info = _simulate(max_queue_s, steps=400, seed=seed)
+        overdue = [t for t in info.values() if t["older"] is not None]
+        assert overdue, "the load never made a text overdue: the test would prove nothing"
+        for t in overdue:
+            assert t["passed"] <= t["older"], t
+        long_texts = [t for t in info.values() if t["length"] == 126 and "served" in t]
+        assert long_texts
+
+
+def test_without_the_bound_a_long_text_can_wait_forever() -> None:
+    """What the bound prevents: cheap short groups keep jumping a long old text."""
+    ages, lengths = [0.0], [126]
+    for step in range(50):
+        # Every step eight fresh short texts arrive and the clock moves on 10 ms.
+        ages = [a + 0.01 for a in ages] + [0.0] * 8
+        lengths = lengths + [6] * 8
+        picked = next_call(ages, lengths, max_size=8, overhead=30, max_queue_s=float("inf"))
+        assert 0 not in picked, f"served at step {step}"
+        ages = [a for k, a in enumerate(ages) if k not in picked]
+        lengths = [n for k, n in enumerate(lengths) if k not in picked]
+    assert ages[0] >= 0.5  # still queued after 50 calls
+    # With a bound of 100 ms the same stream serves it on the first call after 100 ms.
+    picked = next_call(ages, lengths, max_size=8, overhead=30, max_queue_s=0.1)
+    assert 0 in picked
+
+
+def test_batcher_serves_an_old_long_request_before_newer_short_ones() -> None:
+    """In the running batcher: the bound decides whether a long request waits behind short ones."""
+
+    def order_of_calls(max_queue_s: float) -> tuple[list[list[str]], list[float]]:
+        gate = threading.Event()
+        model = GatedModel(gate)
+        ages: list[float] = []
+        long_text, shorts = "长" * 100, [f"短{i}" for i in range(6)]
+
+        async def go(b: DynamicBatcher) -> None:
+            first = asyncio.ensure_future(b.predict(model, ["先"]))
+            while not model.calls:  # the first call has started and holds the model
+                await asyncio.sleep(0.001)
+            jobs = [asyncio.ensure_future(b.predict(model, [long_text]))]
+            await asyncio.sleep(0)
+            jobs += [asyncio.ensure_future(b.predict(model, [t])) for t in shorts]
+            while b.queued_texts < 1 + len(shorts):  # all queued behind the gated call
+                await asyncio.sleep(0.001)
+            gate.set()
+            await asyncio.gather(first, *jobs)
+
+        batcher = DynamicBatcher(
+            _run, max_batch_size=32, max_wait_s=0.0, max_queue_s=max_queue_s,
+            on_queue_age=ages.append,
+        )  # fmt: skip
+
+        async def main() -> None:
+            batcher.start()
+            try:
+                await go(batcher)
+            finally:
+                await batcher.stop()
+
+        asyncio.run(main())
+        return model.calls, ages
+
+    calls, ages = order_of_calls(0.0)
+    assert calls[1] == ["长" * 100]  # the oldest queued text's group goes first
+    assert len(ages) == 8 and all(a >= 0 for a in ages)
+    calls, _ = order_of_calls(3600.0)  # never overdue within this test
+    assert sorted(calls[1]) == sorted(f"短{i}" for i in range(6))  # shorts jump it
+    assert calls[2] == ["长" * 100]
+
+
+class GatedModel(FakeModel):
+    """A FakeModel whose calls wait until ``gate`` is set."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        super().__init__("gated")
+        self.gate = gate
+
+    def predict(self, texts: Sequence[str]) -> tuple[list[int], list[float]]:
+        out = super().predict(texts)
+        self.gate.wait(30)
+        return out
 
 
 def test_adaptive_wait_skips_the_wait_for_a_lone_client() -> None:

@@ -94,7 +94,9 @@ def test_ready_health_and_seed_shapes(served: Served) -> None:
     assert body["categories"] == [0, 0, 0]
     assert len(body["probabilities"]) == 3
     assert all(type(p) is float and 0.5 < p <= 1.0 for p in body["probabilities"])
-    assert set(body) == {"categories", "probabilities", "model_id"}
+    # The seed's keys, the served model, and the label names (ids as names here).
+    assert set(body) == {"categories", "probabilities", "model_id", "labels"}
+    assert body["labels"] == ["0", "0", "0"]
 
     # A list of one is still a list; the batch limit itself is accepted.
     assert served.predict({"text": ["一句"]}).json()["categories"] == [0]
@@ -195,6 +197,8 @@ def test_batching_under_concurrency_and_metrics(served: Served) -> None:
     assert _metric(text, "textcls_predict_requests_total", '{status="200"}') >= 30 + 240
     assert _metric(text, "textcls_predict_requests_total", '{status="422"}') >= 1
     assert _metric(text, "textcls_predict_latency_seconds_count") >= 270
+    # Every text's wait in the batching queue is observed once, when its call starts.
+    assert _metric(text, "textcls_batch_queue_age_seconds_count") >= 270
     assert _metric(text, "textcls_model_id") == served.a
     assert _metric(text, "textcls_model_swaps_total") >= 1
     assert "textcls_model_load_failures_total" in text
@@ -280,6 +284,7 @@ def test_promote_under_load_replicas_rollback_and_late_worker(served: Served) ->
         "categories": 0,
         "probabilities": pytest.approx(served.predict({"text": "好"}).json()["probabilities"]),
         "model_id": a,
+        "labels": "0",
     }
     urls = [served.url, late]
 

@@ -148,7 +148,12 @@ def test_in_process_app_api_key_ready_and_pinning() -> None:
         r = client.post(
             "/predict", json={"text": ["a", "b"]}, headers={"Authorization": "Bearer k"}
         )
-        assert r.json() == {"categories": [1, 1], "probabilities": [0.9, 0.9], "model_id": 7}
+        assert r.json() == {
+            "categories": [1, 1],
+            "probabilities": [0.9, 0.9],
+            "model_id": 7,
+            "labels": ["1", "1"],
+        }
         assert client.get("/health").status_code == 200
         assert 'textcls_predict_requests_total{status="401"} 2.0' in client.get("/metrics").text
 

@@ -56,3 +56,32 @@ def test_encode_on_a_fresh_char_tokenizer() -> None:
     np.testing.assert_array_equal(got["input_ids"], [[2, 5, 5, 3], [2, 6, 3, 0]])
     np.testing.assert_array_equal(got["attention_mask"], [[1, 1, 1, 1], [1, 1, 1, 0]])
     np.testing.assert_array_equal(got["token_type_ids"], np.zeros((2, 4)))
+
+
+def test_wordpiece_vocab_survives_a_save_and_reload(tmp_path: Path, small_splits: Splits) -> None:
+    """A learned WordPiece tokenizer keeps multi-character pieces, and encode()
+    gives the same ids after save_pretrained / AutoTokenizer (serving's path)."""
+    from pipeline.preprocess import make_scratch_tokenizer
+
+    texts = read_tsv(small_splits.train).texts
+    tok = make_scratch_tokenizer(texts, "wordpiece")
+    pieces = [t for t in tok.get_vocab() if len(t.removeprefix("##")) > 1]
+    assert len(pieces) > 100  # words, not just characters
+    tok.save_pretrained(str(tmp_path))
+    again = load_tokenizer(tmp_path)
+    sample = texts[:50]
+    a, b = encode(tok, sample, 64), encode(again, sample, 64)
+    for k in KEYS:
+        np.testing.assert_array_equal(a[k], b[k])
+    # Fewer tokens per sentence than one per character (what max_length buys).
+    chars = make_scratch_tokenizer(texts, "char")
+    assert a["attention_mask"].sum() < encode(chars, sample, 64)["attention_mask"].sum()
+    unk = int((a["input_ids"] == tok.unk_token_id).sum())
+    assert unk == 0
+
+
+def test_unknown_vocab_is_refused() -> None:
+    from pipeline.preprocess import make_scratch_tokenizer
+
+    with pytest.raises(ValueError, match="unknown vocab"):
+        make_scratch_tokenizer(["好"], "bigram")

@@ -204,3 +204,46 @@ def test_inference_worker_killed_and_restarted(env: Env, tmp_path: Path) -> None
     assert r.json()["model_id"] == c and r.json()["categories"] == [1, 1]
     assert stack.http.get("/deployments/current").json()["model_id"] == c
     _all_consistent(env)
+
+
+@pytest.mark.parametrize("worker_killed", [False, True], ids=["blip", "blip-and-kill"])
+def test_pipeline_finishes_after_outage_right_after_a_step_commits(
+    env: Env, worker_killed: bool
+) -> None:
+    """The database goes away just as a pipeline step's success commits.
+
+    The step's worker retries advancing the pipeline until the database is
+    back; if that worker is killed meanwhile too, the reaper's sweep advances
+    the pipeline, stalled with every step final. Either way it finishes.
+    """
+    stack = env.stack
+    env.db_proxy.cut_after_commit(b"succeeded")  # a bound parameter of the success UPDATE
+    job = stack.submit(
+        "pipeline",
+        model_id=env.model_id,
+        dataset_id=env.dataset_id,
+        eval_dataset_id=env.dataset_id,
+        steps=["export"],
+    )
+    try:
+        assert env.db_proxy.tripped.wait(120), stack.logs()
+        if worker_killed:
+            worker = stack.workers[-1]
+            os.killpg(worker.popen.pid, signal.SIGKILL)
+            worker.popen.wait(10)
+        time.sleep(4)
+    finally:
+        env.db_proxy.restore()
+    if worker_killed:
+        stack.start_worker(name="replacement")
+    deadline = time.monotonic() + 30
+    while stack.http.get("/jobs").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    done = stack.wait_job(int(job["id"]), timeout=180)
+    assert done["status"] == "succeeded", (done, stack.logs())
+    children = stack.http.get("/jobs", params={"parent_id": job["id"]}).json()
+    assert children and all(c["status"] == "succeeded" for c in children), children
+    if worker_killed:
+        api_log = (stack.root / "logs" / "api.log").read_text(errors="replace")
+        assert f"pipeline {job['id']} was stalled with every step final" in api_log, api_log[-3000:]
+    _all_consistent(env)

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from launch.procs import free_port
 from tests.deploy.helpers import register_model, wait_serving
 from tests.reliability.helpers import TINY_TSV, consistency_problems
 from tests.stack import Stack
@@ -52,18 +53,21 @@ def secured(
     tmp_path_factory: pytest.TempPathFactory, redis_url: str, tiny_model: Path
 ) -> Iterator[Secured]:
     root = tmp_path_factory.mktemp("secured")
+    # The API forwards POST /deployments/try to this inference worker.
+    inference_port = free_port()
     stack = Stack(
         root / "stack",
         f"sqlite:///{root / 'stack' / 'textcls.db'}",
         redis_url,
         api_key=API_KEY,
         predict_api_key=PREDICT_KEY,
+        inference_url=f"http://127.0.0.1:{inference_port}",
         deployment_poll_interval=1,
         **LIMITS,
     )
     try:
         stack.start_api()
-        _, inference = stack.start_inference()
+        _, inference = stack.start_inference(inference_port)
         model_id = register_model(stack, tiny_model, name="tiny")
         files = {"file": ("tiny.tsv", TINY_TSV.encode(), "text/tab-separated-values")}
         r = stack.http.post("/datasets", files=files, headers={"X-API-Key": API_KEY})
@@ -109,25 +113,30 @@ def test_every_state_changing_route_requires_the_key() -> None:
     assert unguarded == []
 
 
-def _write_operations(stack: Stack) -> list[str]:
+def _write_operations(stack: Stack) -> list[tuple[str, str]]:
+    """(method, path) of every state-changing route in the OpenAPI schema."""
     spec = stack.http.get("/openapi.json").json()
     ops = []
     for path, methods in spec["paths"].items():
         for method in methods:
             if method.upper() not in {"GET", "HEAD"}:
-                assert method == "post", (path, method)
-                ops.append(path.replace("{job_id}", "1").replace("{model_id}", "1"))
+                assert method in ("post", "delete"), (path, method)
+                for name in ("{job_id}", "{model_id}", "{dataset_id}"):
+                    path = path.replace(name, "1")
+                ops.append((method.upper(), path))
     return ops
 
 
 def test_writes_need_the_api_key_reads_do_not(secured: Secured) -> None:
     stack = secured.stack
     ops = _write_operations(stack)
-    assert "/deployments/rollback" in ops and "/models/1/promote" in ops
-    for path in ops:
+    assert ("POST", "/deployments/rollback") in ops and ("POST", "/models/1/promote") in ops
+    assert ("DELETE", "/models/1") in ops and ("DELETE", "/datasets/1") in ops
+    for method, path in ops:
         for key in (None, "wrong-key"):
-            r = secured.post(path, key=key, json={})
-            assert r.status_code == 401, (path, key, r.status_code, r.text)
+            headers = {"X-API-Key": key} if key else {}
+            r = stack.http.request(method, path, headers=headers, json={})
+            assert r.status_code == 401, (method, path, key, r.status_code, r.text)
             assert "API key" in r.json()["detail"]
     for path in ("/jobs", "/datasets", "/models", "/deployments", "/health", "/openapi.json"):
         assert stack.http.get(path).status_code == 200, path

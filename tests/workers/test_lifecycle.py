@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.corpus import Splits
@@ -97,42 +96,69 @@ def test_cancel_running_job(make_stack: Callable[..., Stack], big_train: Path) -
     assert stack.http.get("/models").json() == []
 
 
-@pytest.mark.parametrize("max_attempts", [2, 1])
-def test_worker_sigkill_does_not_leave_job_running(
-    make_stack: Callable[..., Stack], big_train: Path, max_attempts: int
+def test_worker_sigkill_without_retries_fails_the_job(
+    make_stack: Callable[..., Stack], big_train: Path
 ) -> None:
-    """SIGKILL of the worker's main process (and its pool) mid-train.
+    """SIGKILL of the worker's main process (and its pool) mid-train, no attempt left.
 
-    With a retry left the job is requeued under a new attempt and a fresh worker
-    finishes it; without, it fails with the reason. Either way it never stays
-    ``running``, and the old message (which Redis would redeliver only after its
-    visibility timeout) can never run it a second time.
+    The job fails with the reason instead of staying ``running``, and the old
+    message (which Redis would redeliver only after its visibility timeout)
+    can never run it a second time.
     """
-    stack = make_stack("sqlite", max_attempts=max_attempts)
+    stack = make_stack("sqlite", max_attempts=1)
     stack.start_api()
     worker = stack.start_worker()
     train = stack.upload(big_train)
-    epochs = 1 if max_attempts == 2 else 20
-    job = stack.submit("train", dataset_id=train["id"], epochs=epochs, max_length=32, batch_size=64)
+    job = stack.submit("train", dataset_id=train["id"], epochs=20, max_length=32, batch_size=64)
     stack.wait_job(job["id"], {"running"}, timeout=120)
     time.sleep(1.0)
     os.killpg(worker.popen.pid, signal.SIGKILL)
     worker.popen.wait(10)
-    if max_attempts == 1:
-        done = stack.wait_job(job["id"], timeout=60)
-        assert done["status"] == "failed"
-        assert "worker lost" in done["error"] and "no heartbeat" in done["error"]
-        # Nothing half-written was registered, and no orphan artifact is left.
-        assert consistency_problems(stack) == []
-        assert stack.http.get("/models").json() == []
-        return
+    done = stack.wait_job(job["id"], timeout=60)
+    assert done["status"] == "failed"
+    assert "worker lost" in done["error"] and "no heartbeat" in done["error"]
+    # Nothing half-written was registered, and no orphan artifact or checkpoint is left.
+    assert consistency_problems(stack) == []
+    assert stack.http.get("/models").json() == []
+
+
+def test_worker_sigkill_mid_train_resumes_from_the_checkpoint(
+    make_stack: Callable[..., Stack], big_train: Path
+) -> None:
+    """SIGKILL mid-train after a checkpoint: the requeued attempt resumes from it.
+
+    Checkpoints every 3 s (``checkpoint_minutes`` 0.05) as well as per epoch;
+    the replacement worker starts from the last one, not from zero, and the
+    job's metrics say where from. Exactly one model is registered and the
+    checkpoint goes when the job ends.
+    """
+    stack = make_stack("sqlite", max_attempts=2, checkpoint_minutes=0.05)
+    stack.start_api()
+    worker = stack.start_worker()
+    train = stack.upload(big_train)
+    job = stack.submit("train", dataset_id=train["id"], epochs=2, max_length=32, batch_size=64)
+    checkpoint = stack.root / "artifacts" / "checkpoints" / str(job["id"]) / "checkpoint.pt"
+    deadline = time.monotonic() + 180
+    while not checkpoint.is_file():
+        assert time.monotonic() < deadline, stack.logs()
+        time.sleep(0.2)
+    os.killpg(worker.popen.pid, signal.SIGKILL)
+    worker.popen.wait(10)
     requeued = stack.wait_job(job["id"], {"queued", "failed"}, timeout=60)
     assert requeued["status"] == "queued" and requeued["attempt"] == 1, requeued
     assert "worker lost" in (requeued["stage"] or "")
+    assert checkpoint.is_file()  # kept for the next attempt
     stack.start_worker(name="replacement")
     done = stack.wait_job(job["id"], timeout=300)
     assert done["status"] == "succeeded", (done, stack.logs())
     assert done["attempt"] == 1
+    metrics = done["metrics"]
+    assert metrics["resumed_from_step"] > 0, metrics
+    per_epoch = metrics["steps"] // metrics["epochs"]
+    resumed_at = metrics["resumed_from_epoch"] * per_epoch + metrics["resumed_from_batch"]
+    assert resumed_at == metrics["resumed_from_step"], metrics
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     assert len(stack.http.get("/models").json()) == 1
+    assert not checkpoint.parent.exists()
     # The database agrees with the artifact folder: one model row, one folder.
     assert consistency_problems(stack) == []

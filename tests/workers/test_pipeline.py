@@ -105,7 +105,13 @@ def test_pipeline_end_to_end(
 
     # The HTML report in a real headless browser: the table and the chart.
     dom = _dump_dom(f"{stack.api_url}/jobs/{job['id']}/report.html", tmp_path)
-    assert 'id="variants"' in dom and dom.count("<tr") == 1 + len(variants)
+    # One row per variant, then the TF-IDF + LR baseline fitted on the same rows.
+    tfidf = report["tfidf_baseline"]
+    assert tfidf["accuracy"] > 0.6 and tfidf["latency_p50_ms"] > 0 and tfidf["size_bytes"] > 0
+    assert report["verdict"] and f"{tfidf['accuracy'] * 100:.2f}%" in report["verdict"]
+    assert "baseline" in kinds
+    assert 'id="variants"' in dom and dom.count("<tr") == 2 + len(variants)
+    assert 'class="baseline"' in dom and 'id="verdict"' in dom
     assert 'id="tradeoff-chart"' in dom and dom.count('class="point"') == len(variants)
     assert 'class="chosen"' in dom
 
