@@ -23,17 +23,19 @@ would cost ~a third of a tiny model's step for nothing).
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline.checkpoint import Checkpointer, Resume, resume_training, training_state
 from pipeline.common import ProgressFn, StepError, no_progress, run_cli_step
 from pipeline.contract import META_FILE, ModelMeta
 from pipeline.data import Examples, read_tsv
@@ -167,11 +169,14 @@ def pretrain(
     device: str | None = None,
     progress: ProgressFn = no_progress,
     threads: int | None = None,
+    checkpoint: Checkpointer | None = None,
 ) -> PretrainResult:
     """MLM-pretrain on the sentences of ``corpus`` files; save a base for ``train``.
 
     ``progress(fraction, stage)`` is called every few batches and may raise
     :class:`pipeline.common.JobCancelled`, which propagates (nothing is saved).
+    With ``checkpoint`` the loop saves its state after every epoch (and
+    mid-epoch when due) and resumes from a saved one, as ``train`` does.
     Metrics: MLM loss (and masked-token accuracy) per epoch, rows, steps, seconds.
     """
     start = time.perf_counter()
@@ -199,82 +204,21 @@ def pretrain(
     if scratch and init_embeddings == "ppmi":
         progress(0.0, "embeddings")
         init_word_embeddings(model, tokenizer, texts)
-    encoder, head = _mlm_parts(model)
     lr = learning_rate or (SCRATCH_PRETRAIN_LR if scratch else CONTINUED_PRETRAIN_LR)
-    data = Examples(texts=texts, labels=[], labelled=False)
-    lengths = token_lengths(tokenizer, texts, max_length)
-    steps_per_epoch = math.ceil(len(texts) / batch_size)
-    total = steps_per_epoch * epochs
-    warm = max(1, int(total * PRETRAIN_WARMUP))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, (total - step) / max(1, total - warm))
-
-    history: list[dict[str, Any]] = []
-    gen = torch.Generator().manual_seed(seed)
-    every = max(1, min(10, total // 100))
-    step = 0
+    loop = _MlmLoop(
+        model=model,
+        tokenizer=tokenizer,
+        data=Examples(texts=texts, labels=[], labelled=False),
+        epochs=epochs,
+        batch_size=batch_size,
+        max_length=max_length,
+        mask_prob=mask_prob,
+        seed=seed,
+        device=dev,
+    )
     with torch_threads(threads):
-        model.to(dev)
-        optimizer = adamw(model, lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        progress(0.0, "pretrain")
-        for epoch in range(1, epochs + 1):
-            model.train()
-            t0 = time.perf_counter()
-            loss_sum, correct, n_tok = 0.0, 0, 0
-            for _, enc in iter_batches(
-                tokenizer,
-                data,
-                batch_size,
-                max_length,
-                shuffle=True,
-                seed=seed + epoch,
-                lengths=lengths,
-            ):
-                ids = torch.from_numpy(enc["input_ids"])
-                inputs, labels = mask_tokens(ids, tokenizer, mask_prob, gen)
-                chosen = labels != -100
-                step += 1
-                if bool(chosen.any()):
-                    hidden = encoder(
-                        input_ids=inputs.to(dev),
-                        attention_mask=torch.from_numpy(enc["attention_mask"]).to(dev),
-                        token_type_ids=torch.from_numpy(enc["token_type_ids"]).to(dev),
-                    ).last_hidden_state
-                    target = labels[chosen].to(dev)
-                    logits = head(hidden[chosen.to(dev)])
-                    loss = torch.nn.functional.cross_entropy(logits.float(), target)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-                    optimizer.step()
-                    k = int(chosen.sum())
-                    loss_sum += float(loss.detach()) * k
-                    correct += int((logits.detach().argmax(-1) == target).sum())
-                    n_tok += k
-                scheduler.step()
-                if step % every == 0 or step == total:
-                    progress(0.98 * step / total, f"pretrain epoch {epoch}/{epochs}")
-            record = {
-                "epoch": epoch,
-                "mlm_loss": loss_sum / max(1, n_tok),
-                "mlm_accuracy": correct / max(1, n_tok),
-                "masked_tokens": n_tok,
-                "learning_rate": float(scheduler.get_last_lr()[0]),
-                "seconds": time.perf_counter() - t0,
-            }
-            history.append(record)
-            log.info(
-                "pretrain epoch %d/%d: MLM loss %.4f, masked accuracy %.3f (%.1fs)",
-                epoch,
-                epochs,
-                record["mlm_loss"],
-                record["mlm_accuracy"],
-                record["seconds"],
-            )
+        resumed = loop.run(lr, progress, checkpoint)
+    history = loop.history
     model.eval()
     arch = architecture(model)
     out = Path(out_dir)
@@ -300,7 +244,7 @@ def pretrain(
         "mlm_accuracy": history[-1]["mlm_accuracy"],
         "rows": len(texts),
         "epochs": epochs,
-        "steps": total,
+        "steps": loop.total_steps,
         "batch_size": batch_size,
         "learning_rate": lr,
         "mask_prob": mask_prob,
@@ -313,8 +257,158 @@ def pretrain(
         "architecture": arch,
         "device": str(dev),
         "seconds": time.perf_counter() - start,
+        **resumed.metrics(),
     }
     return PretrainResult(model_dir=out, metrics=metrics, model=model, tokenizer=tokenizer)
+
+
+@dataclass
+class _MlmLoop:
+    """The masked-LM training loop, resumable from a :class:`Checkpointer`."""
+
+    model: Any
+    tokenizer: Any
+    data: Examples
+    epochs: int
+    batch_size: int
+    max_length: int
+    mask_prob: float
+    seed: int
+    device: torch.device
+    # Set by :meth:`run`.
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.data) / self.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def _schedule(self) -> Callable[[int], float]:
+        total = self.total_steps
+        warm = max(1, int(total * PRETRAIN_WARMUP))
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return max(0.0, (total - step) / max(1, total - warm))
+
+        return factor
+
+    def run(self, lr: float, progress: ProgressFn, checkpoint: Checkpointer | None) -> Resume:
+        """Train every epoch left (``self.history`` gets one record each); where it resumed."""
+        self.model.to(self.device)
+        self.optimizer = adamw(self.model, lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._schedule())
+        self.checkpoint = checkpoint
+        resume = resume_training(checkpoint, self.model, self.optimizer, self.scheduler)
+        if resume.resumed and resume.loop.get("vocab_size") != len(self.tokenizer):
+            # A rebuilt scratch vocabulary that differs would misread the saved weights.
+            raise StepError("the checkpoint's vocabulary differs from this run's")
+        self.gen = torch.Generator().manual_seed(self.seed)
+        if "mask_rng" in resume.loop:
+            self.gen.set_state(resume.loop["mask_rng"])
+        self.history = list(resume.loop.get("history", []))
+        self.step = resume.step
+        self.lengths = token_lengths(self.tokenizer, self.data.texts, self.max_length)
+        progress(0.0, "pretrain")
+        for epoch in range(resume.epochs_done + 1, self.epochs + 1):
+            first = epoch == resume.epochs_done + 1
+            skip = resume.batches_done if first else 0
+            sums = tuple(resume.loop.get("sums", (0.0, 0, 0))) if first and skip else (0.0, 0, 0)
+            self.history.append(self._epoch(epoch, skip, sums, progress))
+            self._save(epoch, 0, (0.0, 0, 0))
+        return resume
+
+    def _save(self, epochs_done: int, batches_done: int, sums: tuple[float, int, int]) -> None:
+        if self.checkpoint is None:
+            return
+        loop = {
+            "history": self.history,
+            "sums": sums,
+            "mask_rng": self.gen.get_state(),
+            "vocab_size": len(self.tokenizer),
+        }
+        state = training_state(
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            epochs_done=epochs_done,
+            batches_done=batches_done,
+            step=self.step,
+            loop=loop,
+        )
+        self.checkpoint.save(state)
+
+    def _epoch(
+        self, epoch: int, skip: int, sums: tuple[float, int, int], progress: ProgressFn
+    ) -> dict[str, Any]:
+        """One epoch (from batch ``skip`` on, carrying ``sums``); its history record."""
+        encoder, head = _mlm_parts(self.model)
+        self.model.train()
+        t0 = time.perf_counter()
+        loss_sum, correct, n_tok = sums
+        every = max(1, min(10, self.total_steps // 100))
+        batches = iter_batches(
+            self.tokenizer,
+            self.data,
+            self.batch_size,
+            self.max_length,
+            shuffle=True,
+            seed=self.seed + epoch,
+            lengths=self.lengths,
+        )
+        dev = self.device
+        for b, (_, enc) in enumerate(itertools.islice(batches, skip, None), start=skip + 1):
+            inputs, labels = mask_tokens(
+                torch.from_numpy(enc["input_ids"]), self.tokenizer, self.mask_prob, self.gen
+            )
+            chosen = labels != -100
+            self.step += 1
+            if bool(chosen.any()):
+                hidden = encoder(
+                    input_ids=inputs.to(dev),
+                    attention_mask=torch.from_numpy(enc["attention_mask"]).to(dev),
+                    token_type_ids=torch.from_numpy(enc["token_type_ids"]).to(dev),
+                ).last_hidden_state
+                target = labels[chosen].to(dev)
+                logits = head(hidden[chosen.to(dev)])
+                loss = torch.nn.functional.cross_entropy(logits.float(), target)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM)
+                self.optimizer.step()
+                k = int(chosen.sum())
+                loss_sum += float(loss.detach()) * k
+                correct += int((logits.detach().argmax(-1) == target).sum())
+                n_tok += k
+            self.scheduler.step()
+            if self.step % every == 0 or self.step == self.total_steps:
+                progress(
+                    0.98 * self.step / self.total_steps, f"pretrain epoch {epoch}/{self.epochs}"
+                )
+            if self.checkpoint is not None and self.checkpoint.due() and b < self.steps_per_epoch:
+                self._save(epoch - 1, b, (loss_sum, correct, n_tok))
+        record = {
+            "epoch": epoch,
+            "mlm_loss": loss_sum / max(1, n_tok),
+            "mlm_accuracy": correct / max(1, n_tok),
+            "masked_tokens": n_tok,
+            "learning_rate": float(self.scheduler.get_last_lr()[0]),
+            "seconds": time.perf_counter() - t0,
+        }
+        log.info(
+            "pretrain epoch %d/%d: MLM loss %.4f, masked accuracy %.3f (%.1fs)",
+            epoch,
+            self.epochs,
+            record["mlm_loss"],
+            record["mlm_accuracy"],
+            record["seconds"],
+        )
+        return record
 
 
 def main(argv: Sequence[str] | None = None) -> int:

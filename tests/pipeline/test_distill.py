@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.checkpoint import FILE, Checkpointer
 from pipeline.common import JobCancelled, StepError
 from pipeline.contract import ModelMeta
 from pipeline.corpus import Splits
@@ -215,3 +217,102 @@ def test_cancellation_stops_training(
     assert not (tmp_path / "out").exists()
     # Stopped in the first epoch, without running the rest.
     assert stages[-1] == "distill epoch 1/3"
+
+
+RESUME_KW: dict[str, Any] = dict(
+    epochs=2, batch_size=16, max_length=MAX_LENGTH, seed=3, device="cpu"
+)
+
+
+def _stop_at(stage: str, nth: int) -> Any:
+    """A progress callback that cancels the job at the ``nth`` report of ``stage``."""
+    seen = 0
+
+    def progress(fraction: float, current: str | None = None) -> None:
+        nonlocal seen
+        if current == stage:
+            seen += 1
+            if seen == nth:
+                raise JobCancelled("killed")
+
+    return progress
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(
+    trained_tiny_model: Path, rows96: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[DistillResult, dict[str, torch.Tensor]]:
+    """A run that is never stopped, and the student its last checkpoint holds (epoch 2's)."""
+    folder = tmp_path_factory.mktemp("distill_plain")
+    ckpt = Checkpointer(folder / "ckpt")
+    result = distill(trained_tiny_model, rows96, folder / "model", checkpoint=ckpt, **RESUME_KW)
+    saved = ckpt.load()
+    assert saved is not None and saved["epochs_done"] == 2
+    return result, saved["model"]
+
+
+@pytest.mark.parametrize(
+    ("every_seconds", "stop_stage", "nth", "epoch", "batch"),
+    [
+        (None, "distill epoch 2/2", 1, 1, 0),
+        (0.0, "distill epoch 2/2", 3, 1, 2),
+        (0.0, "evaluate epoch 1", 1, 0, -1),  # -1: the epoch's last batch but one
+    ],
+    ids=["after-epoch", "mid-epoch", "mid-epoch-before-evaluation"],
+)
+def test_resumed_distillation_matches_an_uninterrupted_one(
+    trained_tiny_model: Path,
+    rows96: Path,
+    tmp_path: Path,
+    uninterrupted: tuple[DistillResult, dict[str, torch.Tensor]],
+    every_seconds: float | None,
+    stop_stage: str,
+    nth: int,
+    epoch: int,
+    batch: int,
+) -> None:
+    plain, plain_last = uninterrupted
+    batches_per_epoch = math.ceil(plain.metrics["train_rows"] / RESUME_KW["batch_size"])
+    batch = batch % batches_per_epoch
+    ckpt = Checkpointer(tmp_path / "ckpt", every_seconds=every_seconds)
+    with pytest.raises(JobCancelled):
+        distill(
+            trained_tiny_model,
+            rows96,
+            tmp_path / "stopped",
+            progress=_stop_at(stop_stage, nth),
+            checkpoint=ckpt,
+            **RESUME_KW,
+        )
+    assert not (tmp_path / "stopped").exists()
+    assert [p.name for p in ckpt.folder.iterdir()] == [FILE]  # no temp file left
+
+    # A new process: other random state, a fresh Checkpointer on the same folder.
+    torch.manual_seed(12345)
+    calls: list[float] = []
+    again = Checkpointer(ckpt.folder)
+    resumed = distill(
+        trained_tiny_model,
+        rows96,
+        tmp_path / "resumed",
+        progress=lambda f, s=None: calls.append(f),
+        checkpoint=again,
+        **RESUME_KW,
+    )
+    m = resumed.metrics
+    assert (m["resumed_from_epoch"], m["resumed_from_batch"]) == (epoch, batch)
+    assert m["resumed_from_step"] == epoch * batches_per_epoch + batch
+    assert [h["epoch"] for h in m["history"]] == [1, 2]
+    for got, want in zip(m["history"], plain.metrics["history"], strict=True):
+        assert got == pytest.approx(want)
+    assert m["best_epoch"] == plain.metrics["best_epoch"]
+    assert m["student_eval_accuracy"] == plain.metrics["student_eval_accuracy"]
+    expected = plain.model.state_dict()
+    for key, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], msg=key)
+    # The best epoch may be the first: the last checkpoint holds epoch 2's student.
+    last = again.load()
+    assert last is not None
+    for key, value in last["model"].items():
+        torch.testing.assert_close(value, plain_last[key], msg=key)
+    assert calls == sorted(calls) and calls[-1] == 1.0

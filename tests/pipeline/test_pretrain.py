@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
+from pipeline.checkpoint import FILE, Checkpointer
 from pipeline.common import JobCancelled, StepError
 from pipeline.contract import META_FILE, ModelMeta
 from pipeline.corpus import Splits
@@ -85,3 +88,45 @@ def test_pretrain_refuses_bad_params(tmp_path: Path, small_splits: Splits) -> No
         pretrain([small_splits.dev], tmp_path / "o", mask_prob=1.5)
     with pytest.raises(StepError, match="unknown scratch preset"):
         pretrain([small_splits.dev], tmp_path / "o", base_model="scratch:huge", vocab="char")
+
+
+@pytest.mark.parametrize(
+    ("every_seconds", "stop_stage", "epoch", "mid_epoch"),
+    [(None, "pretrain epoch 2/2", 1, False), (0.0, "pretrain epoch 1/2", 0, True)],
+    ids=["after-epoch", "mid-epoch"],
+)
+def test_resumed_pretrain_matches_an_uninterrupted_one(
+    tmp_path: Path,
+    small_splits: Splits,
+    every_seconds: float | None,
+    stop_stage: str,
+    epoch: int,
+    mid_epoch: bool,
+) -> None:
+    kw: dict[str, Any] = dict(vocab="char", init_embeddings="none", epochs=2, batch_size=16)
+    kw.update(max_length=32, device="cpu", threads=1)
+    corpus = [small_splits.dev]
+    plain = pretrain(corpus, tmp_path / "plain", **kw)
+
+    seen: list[str] = []
+
+    def stop_later(fraction: float, stage: str | None = None) -> None:
+        # Past a few batches of the stage, so a mid-epoch save has happened.
+        if stage == stop_stage:
+            seen.append(stage)
+            if len(seen) > 1:
+                raise JobCancelled("killed")
+
+    ckpt = Checkpointer(tmp_path / "ckpt", every_seconds=every_seconds)
+    with pytest.raises(JobCancelled):
+        pretrain(corpus, tmp_path / "a", progress=stop_later, checkpoint=ckpt, **kw)
+    assert (tmp_path / "ckpt" / FILE).is_file() and not (tmp_path / "a" / META_FILE).exists()
+
+    resumed = pretrain(corpus, tmp_path / "b", checkpoint=Checkpointer(ckpt.folder), **kw)
+    m = resumed.metrics
+    assert m["resumed_from_epoch"] == epoch
+    assert (m["resumed_from_batch"] > 0) is mid_epoch
+    assert [h["epoch"] for h in m["history"]] == [1, 2]
+    assert m["mlm_loss"] == pytest.approx(plain.metrics["mlm_loss"], rel=1e-4)
+    for key, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, plain.model.state_dict()[key], msg=key)
