@@ -8,6 +8,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+from botocore.exceptions import ConnectionError as StoreConnectionError
+from botocore.exceptions import HTTPClientError
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -119,6 +121,18 @@ def create_app(*, reaper: bool = True) -> FastAPI:
         return JSONResponse(
             status_code=503,
             content={"detail": "database unavailable, try again shortly"},
+            headers={"Retry-After": "5"},
+        )
+
+    # The object store unreachable (connection refused, timed out, cut): an
+    # outage too. Its refusals and missing keys or bucket stay errors.
+    @app.exception_handler(StoreConnectionError)
+    @app.exception_handler(HTTPClientError)
+    async def _store_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+        log.warning("artifact store error: %s", exc)
+        return JSONResponse(
+            status_code=503,
+            content={"detail": "artifact store unavailable, try again shortly"},
             headers={"Retry-After": "5"},
         )
 

@@ -187,7 +187,7 @@ def migrate() -> None:
 
 @app.command()
 def check() -> None:
-    """Check that the database agrees with the artifact folder (exit 1 if not)."""
+    """Check that the database agrees with the artifact store (exit 1 if not)."""
     from textcls.consistency import check_consistency
     from textcls.db import session_scope
     from textcls.store import ArtifactStore

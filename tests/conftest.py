@@ -13,6 +13,7 @@ from launch.embedded import start_embedded_postgres, start_redis
 from launch.procs import ProcessGroup, port_open
 
 if TYPE_CHECKING:
+    from tests.objectstore import MotoServer
     from tests.stack import Stack
 
 # Two cores on CI: keep each test process from oversubscribing them.
@@ -46,6 +47,36 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield start_redis(group, tmp_path_factory.mktemp("redis"))
     finally:
         group.stop_all()
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """moto's standalone S3 server as its own process (tests take a bucket each).
+
+    The standard AWS credential variables are set for this process and the
+    processes it starts, as an operator sets them for MinIO.
+    """
+    from tests.objectstore import AWS_ENV, start_moto
+
+    saved = {name: os.environ.get(name) for name in AWS_ENV}
+    os.environ.update(AWS_ENV)
+    group = ProcessGroup(log_dir=tmp_path_factory.mktemp("moto"))
+    try:
+        yield start_moto(group)
+    finally:
+        group.stop_all()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture
+def s3_settings(moto_server: MotoServer) -> dict[str, str]:
+    """Settings (for ``make_stack``) that keep the artifacts in a fresh bucket."""
+    bucket = moto_server.new_bucket()
+    return {"artifact_url": f"s3://{bucket}/artifacts", "s3_endpoint_url": moto_server.endpoint}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

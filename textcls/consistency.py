@@ -10,7 +10,10 @@ half-written or abandoned artifact), a training checkpoint under
 whatever an interrupted deletion left in ``trash/``
 (:func:`trashed_artifacts`), and staging entries under ``tmp/`` older than
 ``tmp_max_age`` seconds that no unfinished job owns (:func:`stale_staging`:
-left by a killed worker; fresh ones are work in progress). ``textcls check``
+left by a killed worker; fresh ones are work in progress). With an object
+store the artifacts are read from it (a listing per folder, no download), and
+an artifact without its manifest is incomplete: an upload that was killed,
+reported as an orphan (no row can name it yet). ``textcls check``
 runs it; ``textcls gc`` (:func:`textcls.retention.collect_garbage`) removes
 the leftovers.
 """
@@ -26,7 +29,7 @@ from pathlib import Path
 from sqlmodel import Session, col, select
 
 from textcls.models import FINAL_STATUSES, Dataset, Job, JobStatus, Model
-from textcls.store import CHECKPOINTS, TMP, TRASH, ArtifactStore, dir_size
+from textcls.store import CHECKPOINTS, TMP, TRASH, ArtifactStore, Entry
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +47,16 @@ def check_consistency(
     """Every problem found, as readable sentences; an empty list means consistent."""
     problems: list[str] = []
 
+    scans: dict[str, dict[str, Entry]] = {}
     for ds in session.exec(select(Dataset).order_by(col(Dataset.id))):
-        try:
-            path = store.resolve(ds.path)
-        except ValueError as exc:
-            problems.append(f"dataset {ds.id}: {exc}")
+        entry = _named_entry(store, scans, ds.path, f"dataset {ds.id}", problems)
+        if entry is None:
             continue
-        if not path.is_file():
-            problems.append(f"dataset {ds.id}: file {ds.path!r} is missing")
-        elif path.stat().st_size != ds.size_bytes:
+        if entry.is_dir or not entry.complete:
+            problems.append(f"dataset {ds.id}: file {ds.path!r} is missing{_incomplete(entry)}")
+        elif entry.size != ds.size_bytes:
             problems.append(
-                f"dataset {ds.id}: file {ds.path!r} has {path.stat().st_size} bytes, "
+                f"dataset {ds.id}: file {ds.path!r} has {entry.size} bytes, "
                 f"the row says {ds.size_bytes}"
             )
 
@@ -63,18 +65,18 @@ def check_consistency(
     for model in session.exec(select(Model).order_by(col(Model.id))):
         assert model.id is not None
         model_ids.add(model.id)
-        try:
-            path = store.resolve(model.path)
-        except ValueError as exc:
-            problems.append(f"model {model.id}: {exc}")
-            continue
-        if not path.is_dir():
-            problems.append(f"model {model.id}: folder {model.path!r} is missing")
-        elif not any(path.iterdir()):
-            problems.append(f"model {model.id}: folder {model.path!r} is empty")
-        elif dir_size(path) != model.size_bytes:
+        entry = _named_entry(store, scans, model.path, f"model {model.id}", problems, "folder")
+        if entry is None:
+            pass
+        elif not entry.is_dir or not entry.complete:
             problems.append(
-                f"model {model.id}: folder {model.path!r} has {dir_size(path)} bytes, "
+                f"model {model.id}: folder {model.path!r} is missing{_incomplete(entry)}"
+            )
+        elif entry.files == 0:
+            problems.append(f"model {model.id}: folder {model.path!r} is empty")
+        elif entry.size != model.size_bytes:
+            problems.append(
+                f"model {model.id}: folder {model.path!r} has {entry.size} bytes, "
                 f"the row says {model.size_bytes} (changed or half-written)"
             )
         if model.job_id is not None:
@@ -92,15 +94,45 @@ def check_consistency(
             problems.append(f"job {job.id}: output model {job.output_model_id} does not exist")
 
     for entry in orphans(session, store):
-        kind = "folder" if entry.is_dir() else "file"
-        rel = f"{entry.parent.name}/{entry.name}"
-        problems.append(f"orphan {kind} {rel!r}: no database row names it")
+        kind = "folder" if entry.is_dir else "file"
+        problems.append(
+            f"orphan {kind} {entry.relpath!r}: no database row names it{_incomplete(entry)}"
+        )
     for rel in stale_checkpoints(session, store):
         problems.append(f"stale checkpoint {rel!r}: its job is finished or gone (gc removes it)")
     problems.extend(_leftover_problems(session, store, tmp_max_age))
     for problem in problems:
         log.info("inconsistent: %s", problem)
     return problems
+
+
+def _named_entry(
+    store: ArtifactStore,
+    scans: dict[str, dict[str, Entry]],
+    relpath: str,
+    what: str,
+    problems: list[str],
+    kind: str = "file",
+) -> Entry | None:
+    """The entry a row's path names (folders scanned once); a problem when bad or missing."""
+    try:
+        rel = store.local_path(relpath).relative_to(store.root).as_posix()
+    except ValueError as exc:
+        problems.append(f"{what}: {exc}")
+        return None
+    folder, _, name = rel.partition("/")
+    if folder not in scans:
+        scans[folder] = store.scan(folder)
+    entry = scans[folder].get(name)
+    if entry is None:
+        problems.append(f"{what}: {kind} {relpath!r} is missing")
+    return entry
+
+
+def _incomplete(entry: Entry) -> str:
+    if entry.complete:
+        return ""
+    return " (an upload that did not finish: it has no manifest; `textcls gc` removes it)"
 
 
 def stale_checkpoints(session: Session, store: ArtifactStore) -> list[str]:
@@ -110,10 +142,7 @@ def stale_checkpoints(session: Session, store: ArtifactStore) -> list[str]:
     that removal failed or ran on a host without the store. A queued or
     running job's checkpoint is in use (a requeued job resumes from it).
     """
-    base = store.root / CHECKPOINTS
-    if not base.is_dir():
-        return []
-    entries = sorted(base.iterdir(), key=lambda p: p.name)
+    entries = sorted(store.scan(CHECKPOINTS).values(), key=lambda e: e.name)
     ids = {int(e.name) for e in entries if e.name.isdigit()}
     live = set(
         session.exec(
@@ -165,7 +194,9 @@ def trashed_artifacts(session: Session, store: ArtifactStore) -> list[Trashed]:
     """What interrupted deletions left in ``trash/`` (a finished one leaves nothing)."""
     named = named_paths(session, store)
     return [
-        Trashed(folder, rel, rel in named and not store.resolve(rel).exists())
+        # With an object store the objects stay until the purge: a row naming
+        # one is enough (its deletion never committed).
+        Trashed(folder, rel, rel in named and (store.remote is not None or not store.exists(rel)))
         for folder in store.entries(TRASH)
         for rel in store.trashed(folder)
     ]
@@ -182,14 +213,15 @@ def named_paths(session: Session, store: ArtifactStore) -> set[str]:
     return paths
 
 
-def orphans(session: Session, store: ArtifactStore) -> list[Path]:
-    """Entries under :data:`CHECKED_FOLDERS` that no row names."""
+def orphans(session: Session, store: ArtifactStore) -> list[Entry]:
+    """Entries under :data:`CHECKED_FOLDERS` that no row names (with an object
+    store: and uploads that never finished, whose name no row can have yet)."""
     named = named_paths(session, store)
     return [
         entry
         for folder in CHECKED_FOLDERS
-        for entry in store.entries(folder)
-        if f"{folder}/{entry.name}" not in named
+        for entry in store.scan(folder).values()
+        if entry.relpath not in named
     ]
 
 

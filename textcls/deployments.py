@@ -26,7 +26,7 @@ from sqlmodel import Session, col, select
 from textcls.labels import names_or_ids, same_label_set
 from textcls.models import Deployment, Model, ModelFormat, utcnow
 from textcls.settings import get_settings
-from textcls.store import ArtifactStore, dir_size
+from textcls.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -171,12 +171,13 @@ def servability_problem(model: Model, store: ArtifactStore | None = None) -> str
             f"train a classifier on it first (train base_model_id={model.id})"
         )
     try:
-        folder = (store or ArtifactStore()).resolve(model.path)
+        # A folder's size, or a manifest's (nothing is downloaded to check it).
+        entry = (store or ArtifactStore()).stat(model.path)
     except ValueError as exc:
         return f"model {model.id} is not servable: {exc}"
-    if not folder.is_dir():
+    if entry is None or not entry.is_dir:
         return f"model {model.id} is not servable: its folder {model.path!r} is missing"
-    size = dir_size(folder)
+    size = entry.size
     if size == 0 or size != model.size_bytes:
         return (
             f"model {model.id} is not servable: its folder {model.path!r} holds {size} bytes, "

@@ -5,12 +5,15 @@ root logger while a job runs: it keeps the records of the threads it follows
 (the job's own thread, its heartbeat thread ``heartbeat-<id>``) and appends them, formatted, to the
 job's log in whole lines, at least every ``flush_interval`` seconds and at
 once for warnings and errors, so the log is readable while the job runs and
-stays after its worker is gone. A log stops growing at ``max_bytes`` with one
-line that says so.
+stays after its worker is gone. With an object store the log is written here
+and uploaded whole every ``TEXTCLS_LOG_UPLOAD_SECONDS`` and when the job ends
+(a retry on another host continues from the uploaded copy). A log stops
+growing at ``max_bytes`` with one line that says so.
 
 :func:`note` adds one event to a job's log from outside its run (a pipeline
 parent's log lists its steps' events, written by the lifecycle wherever a
-step ends).
+step ends; with an object store it reads the log, adds the line and writes it
+back, so two hosts adding to one log at the same instant can lose a line).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class JobLog(logging.Handler):
         # The runner's heartbeat thread for this job (workers.runner.Heartbeat's name).
         self._heartbeat = f"heartbeat-{job_id}"
         self._buffer: list[str] = []
-        self._written = store.log_size(job_id)
+        self._written = store.open_log(job_id)
         self._truncated = False
         self._stop = threading.Event()
         self._flusher = threading.Thread(
@@ -73,6 +76,10 @@ class JobLog(logging.Handler):
         self._flusher.join(timeout=5)
         self.flush()
         _active.remove(self)
+        try:
+            self.store.flush_log(self.job_id)  # the whole log, to an object store
+        except Exception as exc:  # never let logging break the job
+            log.warning("could not upload the log of job %s: %s", self.job_id, exc)
 
     def active_here(self, job_id: int) -> bool:
         """Whether this thread's records already go into ``job_id``'s log."""
@@ -151,6 +158,6 @@ def note(
     stamp = utcnow().astimezone().strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]
     line = f"{stamp} {logging.getLevelName(level)} {logger.name}: job {job_id}: {message}\n"
     try:
-        store.append_log(job_id, line)
-    except (OSError, ValueError) as exc:
+        store.add_log_lines(job_id, line)
+    except Exception as exc:  # best effort: a file or an object store may fail
         log.warning("could not add to the log of job %s: %s", job_id, exc)

@@ -145,7 +145,7 @@ def drop_checkpoint(job_id: int) -> None:
     """Remove a job's training checkpoint (best effort: ``textcls check`` lists leftovers)."""
     try:
         ArtifactStore().remove(checkpoint_relpath(job_id))
-    except OSError as exc:
+    except Exception as exc:  # a folder's OSError, or an object store's error
         log.warning("could not remove the checkpoint of job %s: %s", job_id, exc)
 
 

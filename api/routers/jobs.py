@@ -196,7 +196,7 @@ def get_predictions(session: SessionDep, settings: SettingsDep, job_id: PathId) 
             status.HTTP_409_CONFLICT,
             detail=f"job {job_id} is {job.status}; its predictions exist once it has succeeded",
         )
-    store = ArtifactStore(settings.resolved_artifact_dir())
+    store = ArtifactStore.from_settings(settings)
     path = store.resolve(store.predictions_relpath(job_id))
     if not path.is_file():
         raise HTTPException(

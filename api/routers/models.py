@@ -105,7 +105,7 @@ def download_model(session: SessionDep, settings: SettingsDep, model_id: PathId)
     how to load the folder with plain transformers or onnxruntime.
     """
     model = get_model_or_404(session, model_id)
-    store = ArtifactStore(settings.resolved_artifact_dir())
+    store = ArtifactStore.from_settings(settings)
     folder = store.resolve(model.path)
     if not folder.is_dir():
         raise HTTPException(

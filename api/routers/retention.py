@@ -30,7 +30,7 @@ def _responses(what: str, in_use: str) -> dict[int | str, dict[str, Any]]:
 
 
 def _store(settings: Settings) -> ArtifactStore:
-    return ArtifactStore(settings.resolved_artifact_dir())
+    return ArtifactStore.from_settings(settings)
 
 
 def _delete(fn: Callable[[], Removal]) -> Removal:
