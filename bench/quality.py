@@ -9,16 +9,19 @@ it once on the test set (:func:`pipeline.evaluate.evaluate`):
 
 * ``tfidf-lr``: :func:`pipeline.baseline.run_baseline`, the bar to clear;
 * ``default``: the recipe as the job schema has it (``textcls.jobs.PipelineParams``
-  defaults: scratch:tiny, 16k WordPiece, PPMI embedding init, 2 epochs,
-  max_length 64);
-* one lever changed at a time: ``vocab=char``, ``init=none``, ``pretrain=1``
-  (one epoch of masked-LM pretraining on the training sentences first, as the
-  pipeline's optional ``pretrain`` step does), ``max_length=128``.
+  defaults: scratch:tiny, 16k WordPiece, PPMI embedding init, the baseline's
+  out-of-fold soft targets at weight 0.5, 2 epochs, max_length 128);
+* one lever changed at a time: ``baseline_weight=0`` (labels only),
+  ``max_length=64``, ``vocab=char``, ``init=none``, ``epochs=3``,
+  ``pretrain=1`` (one epoch of masked-LM pretraining on the training
+  sentences first, as the pipeline's optional ``pretrain`` step does), and
+  ``seed=7`` (the same recipe, another seed: how much is noise).
 
 Each row has test accuracy, macro-F1, the dev accuracy the train step chose
 its checkpoint on, and wall minutes (pretraining included). One JSON line per
 config is appended to ``--jsonl`` as soon as it finishes, so a partial run is
-usable; the final JSON and table cover the configs that ran.
+usable (``--resume`` runs only the configs it lacks, then reports them all);
+the final JSON and table cover the configs that ran.
 
 ``python -m bench.quality [--quick] [--configs NAME ...] [--json FILE] [--jsonl FILE]``
 """
@@ -52,10 +55,13 @@ class Config:
 CONFIGS = (
     Config("tfidf-lr", "baseline"),
     Config("default", "the recipe"),
+    Config("seed=7", "seed (noise)", {"seed": 7}),
+    Config("baseline_weight=0", "soft targets", {"baseline_weight": 0.0}),
+    Config("max_length=64", "max_length", {"max_length": 64}),
+    Config("pretrain=1", "pretraining", pretrain_epochs=1),
     Config("vocab=char", "vocab", {"vocab": "char"}),
     Config("init=none", "init_embeddings", {"init_embeddings": "none"}),
-    Config("pretrain=1", "pretraining", pretrain_epochs=1),
-    Config("max_length=128", "max_length", {"max_length": 128}),
+    Config("epochs=3", "epochs", {"epochs": 3}),
 )
 QUICK = ("tfidf-lr", "default")
 
@@ -65,7 +71,8 @@ def recipe() -> dict[str, Any]:
     from textcls.jobs import PipelineParams
 
     fields = PipelineParams.model_fields
-    keys = ("vocab", "init_embeddings", "epochs", "batch_size", "max_length", "seed")
+    keys = ["vocab", "init_embeddings", "baseline_weight", "epochs", "batch_size", "max_length"]
+    keys.append("seed")
     out = {k: fields[k].default for k in keys if k in fields}
     out["base_model"] = fields["base_model"].default or "scratch:tiny"
     return out
@@ -82,7 +89,7 @@ def run_config(
 
     start = time.perf_counter()
     if cfg.lever == "baseline":
-        m = run_baseline(train_tsv, test_tsv, latency_runs=20)  # 0 fails there
+        m = run_baseline(train_tsv, test_tsv, latency_runs=20)
         return _row(cfg, m, None, time.perf_counter() - start, {"model": m.get("model")})
     params = {**base, **cfg.overrides}
     out = work / cfg.name.replace("=", "-")
@@ -168,6 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the JSON here, not stdout")
     p.add_argument("--markdown", type=Path, default=None, help="also write the table as Markdown")
     p.add_argument("--jsonl", type=Path, default=None, help="one line per config as it finishes")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows already in --jsonl, run only the configs missing there",
+    )
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "quality")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--test-rows", type=int, default=None, help="default 2000 (quick: 500)")
@@ -199,6 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "rows": [],
     }
+    if args.resume and args.jsonl and args.jsonl.is_file():
+        lines = args.jsonl.read_text(encoding="utf-8").splitlines()
+        done = {r["config"]: r for r in map(json.loads, filter(None, lines))}
+        result["rows"] = [done[c.name] for c in chosen if c.name in done]
+        chosen = [c for c in chosen if c.name not in done]
     for cfg in chosen:
         log.info("config %s", cfg.name)
         row = run_config(cfg, splits.train, splits.test, work, args.threads, base)

@@ -38,18 +38,45 @@ LATENCY_SEED = 0
 
 def fit_baseline(texts: Sequence[str], labels: Sequence[int], seed: int = 0) -> Any:
     """A fitted scikit-learn pipeline: char 1–3-gram TF-IDF, then logistic regression."""
+    model = _make_baseline(seed)
+    model.fit(list(texts), list(labels))
+    return model
+
+
+def _make_baseline(seed: int) -> Any:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    model = make_pipeline(
+    return make_pipeline(
         TfidfVectorizer(
             analyzer="char", ngram_range=NGRAM_RANGE, sublinear_tf=True, max_features=MAX_FEATURES
         ),
         LogisticRegression(max_iter=1000, C=10.0, random_state=seed),
     )
-    model.fit(list(texts), list(labels))
-    return model
+
+
+def out_of_fold_probs(
+    texts: Sequence[str], labels: Sequence[int], num_labels: int, *, folds: int = 5, seed: int = 0
+) -> np.ndarray:
+    """Each row's class probabilities from a baseline fitted on the other folds.
+
+    Out of fold, so a row's soft target is what the baseline predicts for text it
+    has not seen (in-sample, its near-perfect fit on the training rows would
+    only repeat the labels). Columns are class ids ``0..num_labels-1``.
+    """
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    y = np.asarray(labels)
+    smallest = int(np.bincount(y).min(initial=0)) if len(y) else 0
+    folds = max(2, min(folds, smallest))
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    probs = cross_val_predict(
+        _make_baseline(seed), list(texts), y, cv=cv, method="predict_proba", n_jobs=1
+    )
+    out = np.zeros((len(y), num_labels), dtype=np.float32)
+    out[:, np.unique(y)] = probs
+    return out
 
 
 def size_bytes(model: Any) -> int:
@@ -61,7 +88,9 @@ def size_bytes(model: Any) -> int:
     )
 
 
-def _latency_ms(model: Any, texts: Sequence[str], runs: int) -> dict[str, float]:
+def _latency_ms(model: Any, texts: Sequence[str], runs: int) -> dict[str, float] | None:
+    if runs <= 0 or not texts:
+        return None
     rng = np.random.default_rng(LATENCY_SEED)
     picks = rng.choice(len(texts), size=runs, replace=runs > len(texts))
     times = np.empty(runs, dtype=np.float64)

@@ -13,11 +13,13 @@ file. :meth:`Checkpointer.due` says when a mid-epoch save is wanted (every
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,9 @@ class Checkpointer:
 
     folder: Path
     every_seconds: float | None = None
+    # Called with the saved file after each save (the job runner uploads it to
+    # an object store, so an attempt on another host can resume).
+    on_save: Callable[[Path], None] | None = None
     _last: float = field(default_factory=time.monotonic, init=False, repr=False)
 
     @property
@@ -57,6 +62,26 @@ class Checkpointer:
             return None
         return state
 
+    def save_json(self, name: str, value: Any) -> None:
+        """Keep a small JSON file beside the state (atomically; uploaded like it)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / name
+        tmp = self.folder / f".{name}.{uuid.uuid4().hex}.tmp"
+        try:
+            tmp.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if self.on_save is not None:
+            self.on_save(path)
+
+    def load_json(self, name: str) -> Any | None:
+        """A file :meth:`save_json` kept, or None."""
+        try:
+            return json.loads((self.folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
     def save(self, state: dict[str, Any]) -> None:
         """Write ``state`` atomically (temporary file, then rename)."""
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -67,6 +92,8 @@ class Checkpointer:
         finally:
             tmp.unlink(missing_ok=True)
         self._last = time.monotonic()
+        if self.on_save is not None:
+            self.on_save(self.path)
         log.info(
             "checkpoint saved: epoch %s, %s batches into the next, step %s",
             state.get("epochs_done"),
@@ -181,3 +208,22 @@ def resume_training(
         loop=dict(state["loop"]),
         resumed=True,
     )
+
+
+def pinned_scratch_tokenizer(
+    texts: Sequence[str], vocab: str, checkpoint: Checkpointer | None
+) -> Any:
+    """A from-scratch tokenizer that stays the same across a job's attempts.
+
+    The first attempt learns it and keeps it beside the checkpoint; a resumed
+    one rebuilds it from there (see :func:`pipeline.preprocess.scratch_tokenizer`).
+    """
+    from pipeline.preprocess import VOCAB_FILE, scratch_tokenizer, tokenizer_spec
+
+    pinned = checkpoint.load_json(VOCAB_FILE) if checkpoint is not None else None
+    tokenizer = scratch_tokenizer(texts, vocab, pinned)
+    if checkpoint is not None and pinned is None:
+        checkpoint.save_json(VOCAB_FILE, tokenizer_spec(tokenizer))
+    elif pinned is not None:
+        log.info("vocabulary of %d entries from the checkpoint", len(tokenizer))
+    return tokenizer

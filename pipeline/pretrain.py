@@ -35,14 +35,20 @@ from typing import Any
 
 import torch
 
-from pipeline.checkpoint import Checkpointer, Resume, resume_training, training_state
+from pipeline.checkpoint import (
+    Checkpointer,
+    Resume,
+    pinned_scratch_tokenizer,
+    resume_training,
+    training_state,
+)
 from pipeline.common import ProgressFn, StepError, no_progress, run_cli_step
 from pipeline.contract import META_FILE, ModelMeta
 from pipeline.data import Examples, read_tsv
 from pipeline.device import resolve_device
 from pipeline.embeddings import INIT_EMBEDDINGS, init_word_embeddings
 from pipeline.modeling import architecture, is_scratch, register_architecture, scratch_config
-from pipeline.preprocess import SPECIAL_TOKENS, VOCABS, make_scratch_tokenizer, token_lengths
+from pipeline.preprocess import SPECIAL_TOKENS, VOCABS, token_lengths
 from pipeline.runtime import torch_threads
 from pipeline.train import adamw, iter_batches, set_seed
 
@@ -98,7 +104,11 @@ def mask_tokens(
 
 
 def _load_base(
-    base_model: str, texts: Sequence[str], vocab: str, max_length: int
+    base_model: str,
+    texts: Sequence[str],
+    vocab: str,
+    max_length: int,
+    checkpoint: Checkpointer | None = None,
 ) -> tuple[Any, Any, bool, str]:
     """``(mlm model, tokenizer, from_scratch, lineage base_model)``."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM
@@ -106,7 +116,7 @@ def _load_base(
     if is_scratch(base_model):
         preset = base_model.split(":", 1)[1]
         try:
-            tokenizer = make_scratch_tokenizer(texts, vocab)
+            tokenizer = pinned_scratch_tokenizer(texts, vocab, checkpoint)
         except ValueError as exc:
             raise StepError(str(exc)) from exc
         try:
@@ -197,7 +207,9 @@ def pretrain(
     progress(0.0, "tokenizer")
     if init_embeddings not in INIT_EMBEDDINGS:
         raise StepError(f"unknown init_embeddings {init_embeddings!r} (use ppmi or none)")
-    model, tokenizer, scratch, lineage = _load_base(base_model, texts, vocab, max_length)
+    model, tokenizer, scratch, lineage = _load_base(
+        base_model, texts, vocab, max_length, checkpoint
+    )
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and max_length > limit:
         raise StepError(f"max_length {max_length} exceeds the model's {limit} positions")

@@ -105,6 +105,8 @@ def _model_step(name: str, p: PipelineParams, source: int | None) -> Step:
             "init_embeddings": p.init_embeddings,
             **t,
         }
+        if p.baseline_weight is not None:
+            params["baseline_weight"] = p.baseline_weight
         if source is not None:
             params["base_model_id"] = source
         return Step("train", "train", params)

@@ -21,6 +21,8 @@ keeps its row, with ``output_model_id`` cleared and its stage saying so.
 Rows and files go together, as in :mod:`textcls.records`: the rows are deleted
 and the files moved into ``trash/<uuid>/`` in one transaction; the trash folder
 is removed after the commit, and its files are put back if the commit fails.
+(With an object store the objects stay where they are until the commit, and
+are deleted after it; the trash folder lists them.)
 A crash in between leaves the trash folder, which ``textcls check`` reports
 and :func:`collect_garbage` resolves: back in place while a row still names a
 file, removed once none does.
@@ -46,7 +48,7 @@ from textcls.consistency import (
     trashed_artifacts,
 )
 from textcls.deployments import active_promotions, current_deployment, lock_deployments
-from textcls.jobs import DATASET_FIELDS, MODEL_FIELDS
+from textcls.jobs import DATASET_FIELDS, DATASET_LIST_FIELDS, MODEL_FIELDS
 from textcls.models import FINAL_STATUSES, Dataset, Deployment, Evaluation, Job, Model, utcnow
 from textcls.pipelines import step_of
 from textcls.store import TMP, TRASH, ArtifactStore
@@ -91,10 +93,12 @@ def _readers(session: Session, fields: Iterable[str], ids: Collection[int]) -> d
     for job in _unfinished_jobs(session):
         for name in fields:
             value = (job.params or {}).get(name)
-            if isinstance(value, int) and value in ids:
-                found.setdefault(value, []).append(
-                    f"job {job.id} ({job.kind}, {job.status}) reads it as {name}"
-                )
+            # A list field (a pretrain job's ``dataset_ids``) names several records.
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, int) and item in ids:
+                    found.setdefault(item, []).append(
+                        f"job {job.id} ({job.kind}, {job.status}) reads it as {name}"
+                    )
     return found
 
 
@@ -182,7 +186,7 @@ def delete_dataset(session: Session, store: ArtifactStore, dataset_id: int) -> R
     dataset = session.get(Dataset, dataset_id)
     if dataset is None:
         raise NotFound(f"dataset {dataset_id} not found")
-    readers = _readers(session, DATASET_FIELDS, {dataset_id}).get(dataset_id)
+    readers = _readers(session, DATASET_FIELDS + DATASET_LIST_FIELDS, {dataset_id}).get(dataset_id)
     if readers:
         raise InUse(f"cannot delete dataset {dataset_id}: " + "; ".join(readers))
     evals = session.exec(select(Evaluation.id).where(Evaluation.dataset_id == dataset_id))
@@ -389,11 +393,7 @@ def collect_garbage(
     report.staging = [
         f"{TMP}/{e.name}" for e in stale_staging(session, store, max_age=min_age_seconds)
     ]
-    report.orphans = [
-        f"{e.parent.name}/{e.name}"
-        for e in orphans(session, store)
-        if age_seconds(e) >= min_age_seconds
-    ]
+    report.orphans = [e.relpath for e in orphans(session, store) if e.age() >= min_age_seconds]
     report.checkpoints = stale_checkpoints(session, store)
     session.rollback()
     if not dry_run:

@@ -107,9 +107,35 @@ def _derived(
     )
 
 
-def _training_kwargs(ctx: JobContext, p: TrainingParams) -> dict[str, Any]:
+def _training_kwargs(p: TrainingParams) -> dict[str, Any]:
     """The common training parameters, as every training-like step takes them."""
-    return {**{k: getattr(p, k) for k in TRAINING_KEYS}, "progress": ctx.progress}
+    return {k: getattr(p, k) for k in TRAINING_KEYS}
+
+
+# The training steps, run by :func:`_training_step` in a killable child process.
+TRAINING_STEPS = {
+    "train": "pipeline.train:train",
+    "pretrain": "pipeline.pretrain:pretrain",
+    "prune": "pipeline.prune:prune",
+    "distill": "pipeline.distill:distill",
+}
+
+
+def _training_step(step: str, /, *args: Any, **kwargs: Any) -> Any:
+    """Run training step ``step`` (in the child); its result without the in-memory model.
+
+    A training step runs in a child process (:meth:`JobContext.run_killable`)
+    because one optimizer step of a bert-base model takes 30-45 s on this
+    2-core machine's CPU: a cancel checked between steps would wait that long,
+    while the child is killed at once. The model stays behind: the result's
+    folder holds it, and it would not cross the pipe cheaply.
+    """
+    import dataclasses
+    import importlib
+
+    module, name = TRAINING_STEPS[step].split(":")
+    result = getattr(importlib.import_module(module), name)(*args, **kwargs)
+    return dataclasses.replace(result, model=None, tokenizer=None)
 
 
 def _require_device(device: str) -> None:
@@ -135,8 +161,6 @@ def _pytorch_input(
 
 @handler("train")
 def run_train(ctx: JobContext) -> Outcome:
-    from pipeline.train import train
-
     p = cast(TrainParams, ctx.params)
     _require_device(p.device)
     train_ds, train_path = ctx.dataset(p.dataset_id)
@@ -147,7 +171,9 @@ def run_train(ctx: JobContext) -> Outcome:
             ctx, p.base_model_id, ModelFormat.pytorch, "train", masked_lm=True
         )
         base_model, parent_id = str(base_dir), base.id
-    result = train(
+    result = ctx.run_killable(
+        _training_step,
+        "train",
         train_path,
         ctx.out_dir(),
         eval_tsv=eval_path,
@@ -156,7 +182,8 @@ def run_train(ctx: JobContext) -> Outcome:
         init_embeddings=p.init_embeddings,
         label_names=train_ds.label_names,
         checkpoint=ctx.checkpointer(),
-        **_training_kwargs(ctx, p),
+        baseline_weight=p.baseline_weight,
+        **_training_kwargs(p),
     )
     info = {
         **_arch_info(result.model_dir),
@@ -180,8 +207,6 @@ def run_train(ctx: JobContext) -> Outcome:
 
 @handler("pretrain")
 def run_pretrain(ctx: JobContext) -> Outcome:
-    from pipeline.pretrain import pretrain
-
     p = cast(PretrainParams, ctx.params)
     _require_device(p.device)
     corpus = [ctx.dataset(i)[1] for i in p.dataset_ids]
@@ -191,14 +216,17 @@ def run_pretrain(ctx: JobContext) -> Outcome:
             ctx, p.base_model_id, ModelFormat.pytorch, "pretrain", masked_lm=True
         )
         base_model, parent_id = str(base_dir), base.id
-    result = pretrain(
+    result = ctx.run_killable(
+        _training_step,
+        "pretrain",
         corpus,
         ctx.out_dir(),
         base_model=base_model,
         vocab=p.vocab,
         init_embeddings=p.init_embeddings,
         mask_prob=p.mask_prob,
-        **_training_kwargs(ctx, p),
+        checkpoint=ctx.checkpointer(),
+        **_training_kwargs(p),
     )
     info = {
         **_arch_info(result.model_dir),
@@ -222,18 +250,18 @@ def run_pretrain(ctx: JobContext) -> Outcome:
 
 @handler("prune")
 def run_prune(ctx: JobContext) -> Outcome:
-    from pipeline.prune import prune
-
     p = cast(PruneParams, ctx.params)
     _require_device(p.device)
     model, model_dir, data_path = _pytorch_input(ctx, p.model_id, p.dataset_id, "prune")
-    result = prune(
+    result = ctx.run_killable(
+        _training_step,
+        "prune",
         model_dir,
         data_path,
         ctx.out_dir(),
         target_heads=p.target_heads,
         target_ffn=p.target_ffn,
-        **_training_kwargs(ctx, p),
+        **_training_kwargs(p),
     )
     return _derived(
         ctx,
@@ -247,15 +275,15 @@ def run_prune(ctx: JobContext) -> Outcome:
 
 @handler("distill")
 def run_distill(ctx: JobContext) -> Outcome:
-    from pipeline.distill import distill
-
     p = cast(DistillParams, ctx.params)
     _require_device(p.device)
     teacher, teacher_dir, data_path = _pytorch_input(
         ctx, p.teacher_model_id, p.dataset_id, "distill"
     )
     eval_path = ctx.dataset(p.eval_dataset_id)[1] if p.eval_dataset_id is not None else None
-    result = distill(
+    result = ctx.run_killable(
+        _training_step,
+        "distill",
         teacher_dir,
         data_path,
         ctx.out_dir(),
@@ -265,7 +293,7 @@ def run_distill(ctx: JobContext) -> Outcome:
         temperature=p.temperature,
         hidden_match=p.hidden_match,
         checkpoint=ctx.checkpointer(),
-        **_training_kwargs(ctx, p),
+        **_training_kwargs(p),
     )
     return _derived(
         ctx,

@@ -19,7 +19,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
+import select
+import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
@@ -33,7 +37,16 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 # Imported once by the fork server, so every child starts with them loaded.
-PRELOAD = ["pipeline.export", "pipeline.optimize", "pipeline.quantize", "pipeline.evaluate"]
+PRELOAD = [
+    "pipeline.export",
+    "pipeline.optimize",
+    "pipeline.quantize",
+    "pipeline.evaluate",
+    "pipeline.train",
+    "pipeline.pretrain",
+    "pipeline.prune",
+    "pipeline.distill",
+]
 POLL_SECONDS = 0.1
 _context: BaseContext | None = None
 _context_lock = threading.Lock()
@@ -73,7 +86,7 @@ def run_killable(
     with _children_allowed():  # the Process copies the current process's config
         proc = ctx.Process(  # type: ignore[attr-defined]
             target=_child,
-            args=(fn, args, kwargs, sender, step_threads),
+            args=(fn, args, kwargs, sender, step_threads, os.getpid()),
             name=f"step-{name}",
             daemon=True,
         )
@@ -95,6 +108,8 @@ def run_killable(
                 raise StepError(f"the {name} process died (exit code {proc.exitcode})") from None
             if message[0] == "progress":
                 progress(message[1], message[2])
+            elif message[0] == "log":
+                logging.getLogger(message[2]).log(message[1], "%s", message[3])
             elif message[0] == "done":
                 finished = True
                 result: T = message[1]
@@ -142,22 +157,85 @@ def _child(
     kwargs: dict[str, Any],
     conn: Connection,
     threads: int | None,
+    worker_pid: int,
 ) -> None:
-    """The child's side: run the step, send progress and the outcome up the pipe."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    """The child's side: run the step, send progress, log records and the outcome up the pipe."""
+    _die_with(worker_pid)
+    lock = threading.Lock()
+
+    def send(message: tuple[Any, ...]) -> None:
+        with lock:  # a step's own threads may log too
+            conn.send(message)
+
+    root = logging.getLogger()
+    root.handlers[:] = [_PipeHandler(send)]
+    root.setLevel(logging.INFO)
 
     def report(fraction: float, stage: str | None = None) -> None:
-        conn.send(("progress", float(fraction), stage))
+        send(("progress", float(fraction), stage))
 
     try:
         with torch_threads(threads):
             result = fn(*args, **kwargs, progress=report)
-        conn.send(("done", result))
+        send(("done", result))
     except StepError as exc:
-        conn.send(("step_error", str(exc)))
+        send(("step_error", str(exc)))
     except BaseException as exc:
-        conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=8)))
+        send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=8)))
     finally:
         conn.close()
+
+
+class _PipeHandler(logging.Handler):
+    """Sends the child's log records to the job's side, which logs them again there.
+
+    So a step's own lines (``pipeline.train: epoch 1/2 …``) reach the job's log
+    and the worker's output as if the step had run in the worker.
+    """
+
+    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
+        super().__init__(logging.INFO)
+        self._send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # The job's side may be gone already: the child is about to be killed then.
+        with contextlib.suppress(Exception):
+            self._send(("log", record.levelno, record.name, record.getMessage()))
+
+
+def _die_with(worker_pid: int) -> None:
+    """SIGKILL this child as soon as the worker that started it exits.
+
+    A worker killed hard (SIGKILL, OOM) runs no cleanup, and the fork server
+    stays up while any of its children lives (each holds its "alive" pipe), so
+    ``PR_SET_PDEATHSIG`` would never fire: a thread waits on a pidfd of the
+    worker instead. Without one, a long training child would run on beside
+    the job's next attempt, writing its checkpoints.
+    """
+    try:
+        fd: int | None = os.pidfd_open(worker_pid)
+    except ProcessLookupError:  # gone already
+        os.kill(os.getpid(), signal.SIGKILL)
+        return
+    except (AttributeError, OSError):  # no pidfds here: poll the pid
+        fd = None
+
+    def watch() -> None:
+        if fd is not None:
+            select.select([fd], [], [])
+        else:
+            while _alive(worker_pid):
+                time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="die-with-worker", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

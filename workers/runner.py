@@ -8,8 +8,8 @@ the job is ``queued``, may start it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import threading
 import time
 import traceback
@@ -31,7 +31,7 @@ from textcls.models import Dataset, Job, JobStatus, Model
 from textcls.pipelines import step_of
 from textcls.records import add_model
 from textcls.settings import get_settings
-from textcls.store import ArtifactStore, checkpoint_relpath
+from textcls.store import ArtifactStore
 from workers.isolate import run_killable
 from workers.metrics import METRICS
 
@@ -95,20 +95,27 @@ class JobContext:
         self._last_stage: str | None = None
         # Named after the job, so `textcls gc` leaves a running job's folder alone.
         self.staging_dir = store.tmp_dir(owner=f"job-{job.id}")
+        # The inputs it read, held in this host's cache until the job ends.
+        self.holds = contextlib.ExitStack()
 
     def dataset(self, dataset_id: int) -> tuple[Dataset, Path]:
         with session_scope() as s:
             row = s.get(Dataset, dataset_id)
             if row is None:
                 raise StepError(f"dataset {dataset_id} does not exist")
-            return row, self.store.resolve(row.path)
+            return row, self._input(row.path)
 
     def model(self, model_id: int) -> tuple[Model, Path]:
         with session_scope() as s:
             row = s.get(Model, model_id)
             if row is None:
                 raise StepError(f"model {model_id} does not exist")
-            return row, self.store.resolve(row.path)
+            return row, self._input(row.path)
+
+    def _input(self, relpath: str) -> Path:
+        """An input artifact's local path (fetched into the cache and held there)."""
+        self.holds.enter_context(self.store.hold(relpath))
+        return self.store.resolve(relpath)
 
     def progress(self, fraction: float, stage: str | None = None) -> None:
         """Record progress (throttled; a new stage always) and stop when cancelled."""
@@ -149,13 +156,32 @@ class JobContext:
         from pipeline.checkpoint import Checkpointer
 
         minutes = get_settings().checkpoint_minutes
-        folder = self.store.resolve(checkpoint_relpath(self.job_id))
-        return Checkpointer(folder, every_seconds=minutes * 60)
+        folder = self.store.checkpoint_dir(self.job_id)  # an earlier attempt's, wherever it ran
+        return Checkpointer(
+            folder,
+            every_seconds=minutes * 60,
+            on_save=CheckpointUpload(self.job_id),
+        )
 
     def out_dir(self, name: str = "model") -> Path:
         path = self.staging_dir / name
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+@dataclass(frozen=True)
+class CheckpointUpload:
+    """Uploads a saved checkpoint to the job's store (object store only).
+
+    A plain picklable value, not a closure: training steps run in a child
+    process (:func:`workers.isolate.run_killable`) that opens the settings'
+    store anew (the worker's own, from the same environment).
+    """
+
+    job_id: int
+
+    def __call__(self, path: Path) -> None:
+        ArtifactStore().save_checkpoint_file(self.job_id, path)
 
 
 class Heartbeat:
@@ -260,8 +286,8 @@ def _register(ctx: JobContext, job_id: int, attempt: int, outcome: Outcome) -> b
 def _unplace(store: ArtifactStore, relpath: str, staged: Path) -> None:
     """Move a folder placed for an uncommitted row back to staging (a retry can use it)."""
     try:
-        os.replace(store.resolve(relpath), staged)
-    except OSError:
+        store.unplace(relpath, staged)
+    except Exception:
         log.warning("could not move %s back to %s; removing it", relpath, staged, exc_info=True)
         store.remove(relpath)
 
@@ -276,7 +302,7 @@ def execute_job(job_id: int, attempt: int, worker: str = "worker") -> str:
         return "skipped"
     # The job's log records (this thread's and its heartbeat's) go to logs/<id>.log.
     settings = get_settings()
-    store = ArtifactStore(settings.resolved_artifact_dir())
+    store = ArtifactStore.from_settings(settings)
     with JobLog(store, job_id, max_bytes=settings.job_log_max_bytes):
         log.info("job %s (%s) attempt %s started on %s", job_id, job.kind, attempt, worker)
         step = step_of(job) if job.parent_id is not None else None
@@ -290,7 +316,7 @@ def _run_claimed(job: Job, attempt: int) -> str:
     assert job.id is not None
     job_id = job.id
     settings = get_settings()
-    store = ArtifactStore(settings.resolved_artifact_dir())
+    store = ArtifactStore.from_settings(settings)
     with Heartbeat(job_id, attempt, settings.heartbeat_interval) as beat:
         ctx: JobContext | None = None
         try:
@@ -313,6 +339,7 @@ def _run_claimed(job: Job, attempt: int) -> str:
         except JobCancelled:
             if beat.lost.is_set():
                 return "lost"
+            _discard_staging(ctx, store)
             retry_db(
                 lambda: lifecycle.finish(
                     job_id, attempt, JobStatus.cancelled, lifecycle.CANCELLED_BY_REQUEST
@@ -323,6 +350,7 @@ def _run_claimed(job: Job, attempt: int) -> str:
             return "cancelled"
         except StepError as exc:
             message = str(exc)
+            _discard_staging(ctx, store)
             retry_db(
                 lambda: lifecycle.finish(job_id, attempt, JobStatus.failed, message),
                 f"job {job_id}",
@@ -331,6 +359,7 @@ def _run_claimed(job: Job, attempt: int) -> str:
             return "failed"
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"[:20000]
+            _discard_staging(ctx, store)
             retry_db(
                 lambda: lifecycle.finish(job_id, attempt, JobStatus.failed, error),
                 f"job {job_id}",
@@ -339,4 +368,15 @@ def _run_claimed(job: Job, attempt: int) -> str:
             return "failed"
         finally:
             if ctx is not None:
+                ctx.holds.close()
                 store.remove(str(ctx.staging_dir.relative_to(store.root)))
+
+
+def _discard_staging(ctx: JobContext | None, store: ArtifactStore) -> None:
+    """Remove a job's staging folder before its final state is written.
+
+    So a job seen cancelled or failed has left nothing behind (the ``finally``
+    that removes it again afterwards is then a no-op).
+    """
+    if ctx is not None:
+        store.remove(str(ctx.staging_dir.relative_to(store.root)))

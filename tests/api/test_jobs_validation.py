@@ -64,6 +64,11 @@ def test_bad_job_requests(stack: Stack) -> None:
     )
     assert code == 422 and "body.params.queue" in _locs(body["detail"])  # type: ignore[index]
 
+    for kind in ("train", "pipeline"):
+        params = {"dataset_id": ds["id"], "eval_dataset_id": ds["id"], "baseline_weight": 1.5}
+        code, body = _submit(stack, {"kind": kind, "params": params})
+        assert code == 422 and "body.params.baseline_weight" in _locs(body["detail"])  # type: ignore[index]
+
     code, body = _submit(stack, "not an object")
     assert code == 422
 

@@ -99,6 +99,14 @@ def test_unfinished_jobs_hold_their_inputs(stack: Stack) -> None:
     assert r.status_code == 409 and "only finished jobs" in _detail(r), r.text
     assert stack.http.delete("/jobs/999").status_code == 404
     assert stack.http.delete("/datasets/999").status_code == 404
+    # A list of datasets (pretrain's dataset_ids) holds each of them.
+    corpus = _dataset(stack, "corpus")
+    pre = stack.submit("pretrain", dataset_ids=[data, corpus])
+    r = stack.http.delete(f"/datasets/{corpus}")
+    assert r.status_code == 409, r.text
+    assert f"job {pre['id']} (pretrain, queued) reads it as dataset_ids" in _detail(r)
+    assert stack.http.post(f"/jobs/{pre['id']}/cancel").json()["status"] == "cancelled"
+    assert stack.http.delete(f"/datasets/{corpus}").status_code == 200
 
     r = stack.http.delete(f"/datasets/{other}")
     assert r.status_code == 200, r.text

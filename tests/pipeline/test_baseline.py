@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.baseline import run_baseline
+from pipeline.baseline import fit_baseline, out_of_fold_probs, run_baseline
 from pipeline.common import StepError
 from pipeline.corpus import Splits
 from pipeline.data import read_tsv
@@ -49,3 +49,24 @@ def test_baseline_cli(small_splits: Splits) -> None:
         timeout=120,
     )
     assert json.loads(out.stdout)["accuracy"] > 0.6
+
+
+def test_out_of_fold_probabilities_are_honest(small_splits: Splits) -> None:
+    """Soft targets for training: each row scored by a model that did not see it."""
+    import numpy as np
+
+    train = read_tsv(small_splits.train)
+    probs = out_of_fold_probs(train.texts, train.labels, 3, folds=5, seed=0)
+    assert probs.shape == (len(train), 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    assert (probs[:, 2] == 0).all()  # a label the rows do not have gets no mass
+    y = np.array(train.labels)
+    oof = float((probs.argmax(axis=1) == y).mean())
+    seen = float((fit_baseline(train.texts, train.labels).predict(train.texts) == y).mean())
+    # In sample the fit is near perfect; out of fold it is what held-out rows get.
+    assert 0.6 < oof < seen and seen > 0.95, (oof, seen)
+
+
+def test_baseline_without_latency_runs(small_splits: Splits) -> None:
+    m = run_baseline(small_splits.train, small_splits.dev, latency_runs=0)
+    assert m["latency_ms"] is None and m["accuracy"] > 0.6

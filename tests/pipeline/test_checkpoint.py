@@ -86,3 +86,30 @@ def test_resumed_run_matches_an_uninterrupted_one(
 def test_unreadable_checkpoint_is_ignored(tmp_path: Path) -> None:
     (tmp_path / FILE).write_bytes(b"half a file")
     assert Checkpointer(tmp_path).load() is None
+
+
+def test_resumed_train_keeps_the_first_attempts_vocabulary(
+    tmp_path: Path, small_splits: Splits
+) -> None:
+    """The WordPiece vocabulary is learned once per job: a resumed attempt reuses it."""
+    import json
+
+    from pipeline.preprocess import VOCAB_FILE
+    from pipeline.train import train
+
+    kw: dict[str, Any] = dict(epochs=2, batch_size=16, max_length=32, device="cpu", threads=1)
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    with pytest.raises(JobCancelled):
+        train(
+            small_splits.train,
+            tmp_path / "a",
+            progress=_stop_at("train epoch 2/2"),
+            checkpoint=ckpt,
+            **kw,
+        )
+    pinned = json.loads((ckpt.folder / VOCAB_FILE).read_text(encoding="utf-8"))["tokens"]
+
+    resumed = train(small_splits.train, tmp_path / "b", checkpoint=Checkpointer(ckpt.folder), **kw)
+    assert resumed.metrics["resumed_from_epoch"] == 1
+    vocab = resumed.tokenizer.get_vocab()
+    assert [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])] == pinned

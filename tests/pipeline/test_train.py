@@ -15,6 +15,7 @@ from pipeline.corpus import Splits
 from pipeline.data import Examples, read_tsv, write_tsv
 from pipeline.preprocess import encode
 from pipeline.train import (
+    BASELINE_WEIGHT,
     TrainResult,
     iter_batches,
     main,
@@ -57,6 +58,8 @@ def test_scratch_tiny_learns(tiny_train_result: TrainResult, small_splits: Split
     assert m["train_rows"] == 1000 and m["eval_rows"] == 200
     assert m["seconds"] > 0 and m["device"] == "cpu"
     assert m["architecture"]["num_layers"] == 4 and m["architecture"]["parameters"] > 0
+    # From scratch, the baseline's soft targets are in the loss by default.
+    assert m["baseline_weight"] == BASELINE_WEIGHT > 0
 
 
 def test_saved_folder_reloads_with_auto_classes(
@@ -124,6 +127,7 @@ def test_local_folder_base_model(
     )
     before = tiny_train_result.metrics["eval_accuracy"]
     assert same.metrics["eval_accuracy"] == pytest.approx(before, abs=0.011)
+    assert same.metrics["baseline_weight"] == 0.0  # a trained base: the labels only
 
     # Three labels where the base has two: the head is re-initialised.
     dev = read_tsv(small_splits.dev)

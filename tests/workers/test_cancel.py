@@ -2,11 +2,13 @@
 
 ``torch.onnx.export`` and ``quantize_dynamic`` of a 12-layer, 768-wide BERT
 (random weights) each run for several seconds on one core without a progress
-call; the worker runs them in a child process that the cancel kills.
+call, and one of its optimizer steps for tens of seconds; the worker runs them
+in a child process that the cancel kills.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,7 @@ from tests.reliability.helpers import consistency_problems
 from tests.stack import FINAL, Stack
 
 CANCEL_LIMIT_S = 5.0
+log = logging.getLogger(__name__)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,9 @@ def _cancel_during(stack: Stack, job_id: int, stages: set[str], settle: float) -
     while stack.job(job_id)["status"] == "running":
         assert time.monotonic() - start < 60, stack.logs()
         time.sleep(0.05)
-    return time.monotonic() - start
+    took = time.monotonic() - start
+    log.info("cancel during %s left running after %.2f s", "/".join(sorted(stages)), took)
+    return took
 
 
 def _assert_cancelled_cleanly(stack: Stack, job: dict[str, Any], models_before: int) -> None:
@@ -73,7 +78,7 @@ def _assert_cancelled_cleanly(stack: Stack, job: dict[str, Any], models_before: 
     assert consistency_problems(stack) == []
 
 
-def test_cancel_stops_export_and_quantize_of_bert_base(
+def test_cancel_stops_export_quantize_and_training_of_bert_base(
     make_stack: Callable[..., Stack], bert_base: Path, tmp_path: Path
 ) -> None:
     stack = make_stack("sqlite")
@@ -99,10 +104,18 @@ def test_cancel_stops_export_and_quantize_of_bert_base(
     assert took < CANCEL_LIMIT_S, (took, done)
     _assert_cancelled_cleanly(stack, done, models_before=2)
 
+    # Cancel inside a training step: one optimizer step of this model takes tens
+    # of seconds on CPU, so a cancel checked between steps would wait that long.
+    data = _tiny_dataset(stack, tmp_path)
+    params = {"epochs": 1, "batch_size": 32, "max_length": 64, "device": "cpu"}
+    job = stack.submit("train", dataset_id=data, base_model_id=model_id, **params)
+    took = _cancel_during(stack, job["id"], {"train"}, settle=1.0)
+    done = stack.job(job["id"])
+    assert took < CANCEL_LIMIT_S, (took, done)
+    _assert_cancelled_cleanly(stack, done, models_before=2)
+
     # The worker is fine afterwards: the step runs to the end when left alone.
-    ev = stack.submit(
-        "evaluate", model_id=onnx_id, dataset_id=_tiny_dataset(stack, tmp_path), latency_runs=5
-    )
+    ev = stack.submit("evaluate", model_id=onnx_id, dataset_id=data, latency_runs=5)
     assert stack.wait_job(ev["id"], timeout=120)["status"] == "succeeded", stack.logs()
 
 
