@@ -17,4 +17,9 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy api workers pipeline deploy textcls launch
-exec .venv/bin/pytest -q -ra --durations=15 "$@"
+# Two workers, whole files to each (module fixtures stay in one process): the
+# tests mostly wait on the processes they start, so on 2 cores the suite took
+# 13.5 min this way against 22.6 min serially (same tree, same machine).
+# Every stack claims its own Redis database and database name, so runs in
+# parallel do not see each other's jobs. TEXTCLS_TEST_WORKERS=0 runs serially.
+exec .venv/bin/pytest -q -ra --durations=15 -n "${TEXTCLS_TEST_WORKERS:-2}" --dist loadfile "$@"

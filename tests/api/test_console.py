@@ -311,7 +311,10 @@ def test_console_end_to_end(
     trained = next(v["model_id"] for v in variants if v["step"] == "train")
     assert trained != chosen
     ui.open("/models")
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#models-table tbody tr")) == 3
+    ui.wait(
+        lambda: len(browser.find_elements(By.CSS_SELECTOR, "#models-table tbody tr")) == 3,
+        what="the models table",
+    )
     ui.shoot("models")
     ui.open(f"/models/{trained}")
     tree = ui.text("#lineage-tree")
