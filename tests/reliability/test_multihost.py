@@ -48,10 +48,10 @@ REPO = Path(__file__).resolve().parents[2]
 HOSTS = ["ctl", "w1", "w2", "inf"]
 TRAIN = {
     "base_model": "scratch:tiny",
-    # Not the default wordpiece: HF tokenizers' WordPiece trainer learns a
-    # slightly different vocabulary in each process, and a resumed job's
-    # checkpoint then does not fit the new model (see the report of issue 16).
-    "vocab": "char",
+    # The default WordPiece vocabulary: the tokenizers library learns it slightly
+    # differently in each process, so the resumed attempt on the other host must
+    # take the first attempt's from the checkpoint (pipeline.preprocess.VOCAB_FILE).
+    "vocab": "wordpiece",
     "epochs": 2,
     "max_length": 32,
     "batch_size": 32,
