@@ -159,18 +159,26 @@ def _pytorch_input(
     return model, model_dir, data_path
 
 
+def _base_model(
+    ctx: JobContext, base_model: str, base_model_id: int | None, kind: str
+) -> tuple[str, int | None]:
+    """What a training step starts from: ``base_model``, or a registered model's folder.
+
+    Returns the step's ``base_model`` argument and the new model's parent id.
+    """
+    if base_model_id is None:
+        return base_model, None
+    base, folder = _model_of_format(ctx, base_model_id, ModelFormat.pytorch, kind, masked_lm=True)
+    return str(folder), base.id
+
+
 @handler("train")
 def run_train(ctx: JobContext) -> Outcome:
     p = cast(TrainParams, ctx.params)
     _require_device(p.device)
     train_ds, train_path = ctx.dataset(p.dataset_id)
     eval_path = ctx.dataset(p.eval_dataset_id)[1] if p.eval_dataset_id is not None else None
-    base_model, parent_id = p.base_model, None
-    if p.base_model_id is not None:
-        base, base_dir = _model_of_format(
-            ctx, p.base_model_id, ModelFormat.pytorch, "train", masked_lm=True
-        )
-        base_model, parent_id = str(base_dir), base.id
+    base_model, parent_id = _base_model(ctx, p.base_model, p.base_model_id, "train")
     result = ctx.run_killable(
         _training_step,
         "train",
@@ -210,12 +218,7 @@ def run_pretrain(ctx: JobContext) -> Outcome:
     p = cast(PretrainParams, ctx.params)
     _require_device(p.device)
     corpus = [ctx.dataset(i)[1] for i in p.dataset_ids]
-    base_model, parent_id = p.base_model, None
-    if p.base_model_id is not None:
-        base, base_dir = _model_of_format(
-            ctx, p.base_model_id, ModelFormat.pytorch, "pretrain", masked_lm=True
-        )
-        base_model, parent_id = str(base_dir), base.id
+    base_model, parent_id = _base_model(ctx, p.base_model, p.base_model_id, "pretrain")
     result = ctx.run_killable(
         _training_step,
         "pretrain",
