@@ -13,7 +13,7 @@ import torch
 from pipeline.common import StepError
 from pipeline.contract import META_FILE, ONNX_FILE, ModelMeta
 from pipeline.corpus import Splits
-from pipeline.export import export_onnx, main
+from pipeline.export import compare_logits, export_onnx, main
 from pipeline.modeling import load_model
 from pipeline.preprocess import encode, load_tokenizer
 from tests.pipeline.onnx_helpers import io_signature, ort_logits, real_sentences
@@ -133,3 +133,16 @@ def test_cli(random_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["--model", str(random_model_dir), "--out", str(tmp_path / "o")]) == 0
     assert json.loads(capsys.readouterr().out)["exporter"] == "torchscript"
     assert main(["--model", str(tmp_path / "o"), "--out", str(tmp_path / "p")]) == 2
+
+
+def test_compare_logits_forgives_near_ties_only() -> None:
+    """A flip within the conversion's typical logit change is rounding; a clear flip is not."""
+    ref = np.array([[0.0, 1.0], [0.5000, 0.5005], [2.0, -2.0]])
+    same = compare_logits(ref, ref + 1e-4)  # an even shift keeps every label
+    assert same["label_agreement"] == 1.0 and same["near_tie_flips"] == 0
+    noisy = ref + np.array([1e-3, -1e-3])  # flips the near tie (margin 5e-4) only
+    check = compare_logits(ref, noisy)
+    assert check["label_agreement"] == 1.0 and check["near_tie_flips"] == 1
+    clear_flip = ref + 1e-4
+    clear_flip[2] = [-2.0, 2.0]
+    assert compare_logits(ref, clear_flip)["label_agreement"] == pytest.approx(2 / 3)
