@@ -146,8 +146,14 @@ class Console:
 
         return str(self.wait(read, what=css)[0])
 
-    def flash(self) -> str:
-        return str(self.wait(lambda: self.d.find_element(By.ID, "flash").text, what="flash"))
+    def flash(self, expect: str) -> str:
+        """The flash message once it says ``expect`` (an earlier one may still show)."""
+
+        def shown() -> str | None:
+            text = self.d.find_element(By.ID, "flash").text
+            return text if expect in text else None
+
+        return str(self.wait(shown, what=f"the flash {expect!r}"))
 
     def give_key(self, key: str = API_KEY) -> None:
         dialog = self.find("#key-dialog")
@@ -328,7 +334,7 @@ def test_console_end_to_end(
     ui.shoot("model")
     ui.shoot("model-chart", scroll_to="#report")
     ui.click("#promote-model")
-    assert f"Model {trained} is now served" in ui.flash()
+    ui.flash(f"Model {trained} is now served")
     assert stack.http.get("/deployments/current").json()["model_id"] == trained
 
     # --- Deployments: try a sentence, roll back, try again.
@@ -354,7 +360,7 @@ def test_console_end_to_end(
     assert ui.wait(lambda: ui.text('#try-form [data-error-for="text"]'), what="the try error")
     ui.shoot("deployments")
     ui.click("#rollback")
-    assert f"model {chosen} is served again" in ui.flash()
+    ui.flash(f"model {chosen} is served again")
     ui.wait(lambda: f"model {chosen}" in ui.text("#current-model"), what="the rolled-back model")
     assert stack.http.get("/deployments/current").json()["model_id"] == chosen
     try_sentence(chosen)
