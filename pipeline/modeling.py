@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 # From-scratch BERT presets. Heads are multiples of 3 and FFN widths multiples
 # of 3 x 128 so the seed's pruning ratio (8 of 12 heads, 2048 of 3072 FFN)
 # applies cleanly to each; every preset has more layers than the 3-layer student.
-SCRATCH_PRESETS: dict[str, dict[str, int]] = {
+SCRATCH_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(num_hidden_layers=4, hidden_size=96, num_attention_heads=6, intermediate_size=384),
     "small": dict(
         num_hidden_layers=6, hidden_size=192, num_attention_heads=6, intermediate_size=768
@@ -36,7 +36,12 @@ def scratch_config(preset: str, vocab_size: int, num_labels: int, max_length: in
 
     if preset not in SCRATCH_PRESETS:
         raise ValueError(f"unknown scratch preset {preset!r}; known: {sorted(SCRATCH_PRESETS)}")
-    kwargs: dict[str, Any] = dict(SCRATCH_PRESETS[preset])
+    # A preset may set its own dropout; BERT's 0.1 otherwise.
+    kwargs: dict[str, Any] = {
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1,
+        **SCRATCH_PRESETS[preset],
+    }
     # Eager attention exports to an ONNX graph that ONNX Runtime's BERT fusion
     # recognises; SDPA does not fuse.
     kwargs["attn_implementation"] = "eager"
@@ -46,8 +51,6 @@ def scratch_config(preset: str, vocab_size: int, num_labels: int, max_length: in
         max_position_embeddings=max(512, max_length),
         id2label={i: str(i) for i in range(num_labels)},
         label2id={str(i): i for i in range(num_labels)},
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
         **kwargs,
     )
 
