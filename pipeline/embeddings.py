@@ -14,12 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-INIT_EMBEDDINGS = ("ppmi", "ppmi+polarity", "none")
+INIT_EMBEDDINGS = ("ppmi", "none")
 # BERT's initialiser std: the vectors are scaled to it, so the rest of the
 # model sees inputs of the size it was initialised for.
 INIT_STD = 0.02
-# The polarity dims' std (init_polarity).
-POLARITY_STD = 3 * INIT_STD
 
 
 def ppmi_svd_embeddings(
@@ -79,53 +77,4 @@ def init_word_embeddings(model: Any, tokenizer: Any, texts: Sequence[str]) -> in
     with torch.no_grad():
         idx = torch.from_numpy(seen.nonzero()[0])
         weight[idx] = torch.from_numpy(emb[seen]).to(weight.dtype)
-    return int(seen.sum())
-
-
-def polarity_vectors(
-    tokenizer: Any, texts: Sequence[str], labels: Sequence[int], num_labels: int, alpha: float = 1.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(ratios [vocab, num_labels] float32, seen [vocab] bool)``: each token's class leaning.
-
-    Column ``c`` is the naive-Bayes log-count ratio of class ``c`` against the
-    rest, over the training sentences that contain the token (counted once per
-    sentence, add-``alpha`` smoothed): what a bag-of-words model knows about
-    the token, which a from-scratch transformer otherwise has to learn from
-    13k rows in two epochs.
-    """
-    import scipy.sparse as sp
-
-    v = len(tokenizer)
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    rows = np.concatenate([np.full(len(x), i, dtype=np.int64) for i, x in enumerate(ids)])
-    cols = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids])
-    present = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(ids), v))
-    present.data[:] = 1.0  # once per sentence
-    y = np.asarray(labels)
-    onehot = sp.csr_matrix((np.ones(len(y)), (np.arange(len(y)), y)), shape=(len(y), num_labels))
-    counts = np.asarray((onehot.T @ present).todense())  # [num_labels, vocab]
-    total = counts.sum(axis=0)
-    out = np.zeros((v, num_labels), dtype=np.float32)
-    for c in range(num_labels):
-        mine = (counts[c] + alpha) / (counts[c].sum() + alpha * v)
-        rest = (total - counts[c] + alpha) / ((total - counts[c]).sum() + alpha * v)
-        out[:, c] = np.log(mine) - np.log(rest)
-    return out, total > 0
-
-
-def init_polarity(
-    model: Any, tokenizer: Any, texts: Sequence[str], labels: Sequence[int], num_labels: int
-) -> int:
-    """Write each seen token's class leaning into the last ``num_labels`` embedding dims.
-
-    Scaled to :data:`POLARITY_STD` over the seen tokens. Returns how many tokens.
-    """
-    ratios, seen = polarity_vectors(tokenizer, texts, labels, num_labels)
-    if not seen.any():
-        return 0
-    ratios = ratios / (ratios[seen].std() + 1e-8) * POLARITY_STD
-    weight = model.get_input_embeddings().weight
-    with torch.no_grad():
-        idx = torch.from_numpy(seen.nonzero()[0])
-        weight[idx, -num_labels:] = torch.from_numpy(ratios[seen]).to(weight.dtype)
     return int(seen.sum())

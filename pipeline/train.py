@@ -43,7 +43,7 @@ from pipeline.common import (
 from pipeline.contract import META_FILE, MODEL_INPUTS, ModelMeta
 from pipeline.data import Examples, read_tsv
 from pipeline.device import optimizer_step, precision_for, resolve_device, to_device
-from pipeline.embeddings import INIT_EMBEDDINGS, init_polarity, init_word_embeddings
+from pipeline.embeddings import INIT_EMBEDDINGS, init_word_embeddings
 from pipeline.metrics import classification_metrics
 from pipeline.modeling import (
     architecture,
@@ -213,8 +213,6 @@ def fine_tune(
     checkpoint: Checkpointer | None = None,
     soft_targets: np.ndarray | None = None,
     soft_weight: float = 0.0,
-    label_smoothing: float = 0.0,
-    ema_decay: float | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place; with ``eval``, keep the epoch with the best accuracy.
 
@@ -259,8 +257,6 @@ def fine_tune(
     labels_all = torch.tensor(train.labels, dtype=torch.long)
     soft_all = None if soft_targets is None else torch.tensor(soft_targets, dtype=torch.float32)
     loss_fn = torch.nn.CrossEntropyLoss()
-    label_loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    ema = _ema_of(model, ema_decay)
 
     resume = resume_training(checkpoint, model, optimizer, scheduler)
     history: list[dict[str, Any]] = resume.loop.get("history", [])
@@ -306,15 +302,13 @@ def fine_tune(
             target = to_device(labels_all[idx], dev)
             with _autocast(dev):
                 logits = model(**inputs).logits
-            loss = label_loss_fn(logits.float(), target)
+            loss = loss_fn(logits.float(), target)
             if soft_all is not None and soft_weight > 0:
                 soft = loss_fn(logits.float(), to_device(soft_all[idx], dev))
                 loss = (1.0 - soft_weight) * loss + soft_weight * soft
             optimizer.zero_grad(set_to_none=True)
             optimizer_step(loss, optimizer, model.parameters(), MAX_GRAD_NORM, scaler)
             scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
             step += 1
             loss_sum += float(loss.detach()) * len(idx)
             loss_rows += len(idx)
@@ -336,9 +330,8 @@ def fine_tune(
                 span=eval_batches / total_work,
                 label=f"evaluate epoch {epoch}/{epochs}",
             )
-            scored = model if ema is None else ema.module
             logits = predict_dataset(
-                scored,
+                model,
                 tokenizer,
                 eval,
                 batch_size=batch_size,
@@ -356,7 +349,7 @@ def fine_tune(
                     "accuracy": scores["accuracy"],
                     "macro_f1": scores["macro_f1"],
                     "state": {
-                        k: v.detach().to("cpu", copy=True) for k, v in scored.state_dict().items()
+                        k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
                     },
                 }
         record["seconds"] = time.perf_counter() - epoch_start
@@ -399,15 +392,6 @@ def fine_tune(
         metrics["eval_accuracy"] = best["accuracy"]
         metrics["eval_macro_f1"] = best["macro_f1"]
     return metrics
-
-
-def _ema_of(model: Any, decay: float | None) -> Any:
-    """An exponential moving average of ``model``'s weights (None without a decay)."""
-    if decay is None:
-        return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
 
 
 def _scaled_progress(progress: ProgressFn, *, start: float, span: float, label: str) -> ProgressFn:
@@ -466,7 +450,6 @@ def load_base_model(
     vocab: str = "wordpiece",
     init_embeddings: str = "ppmi",
     checkpoint: Checkpointer | None = None,
-    train_labels: Sequence[int] | None = None,
 ) -> tuple[Any, Any, bool]:
     """``(model, tokenizer, from_scratch)`` for a scratch preset, a local folder or a hub id.
 
@@ -491,12 +474,9 @@ def load_base_model(
         except ValueError as exc:
             raise StepError(str(exc)) from exc
         model = BertForSequenceClassification(config)
-        if init_embeddings.startswith("ppmi"):
+        if init_embeddings == "ppmi":
             n = init_word_embeddings(model, tokenizer, train_texts)
             log.info("initialised %d word embeddings from PPMI co-occurrence SVD", n)
-        if init_embeddings.endswith("+polarity") and train_labels is not None:
-            n = init_polarity(model, tokenizer, train_texts, train_labels, num_labels)
-            log.info("wrote the class leaning of %d tokens into their embeddings", n)
         return model, tokenizer, True
 
     folder = Path(base_model).expanduser()
@@ -586,8 +566,6 @@ def train(
     label_names: list[str] | None = None,
     checkpoint: Checkpointer | None = None,
     baseline_weight: float | None = None,
-    label_smoothing: float = 0.0,
-    ema_decay: float | None = None,
 ) -> TrainResult:
     """Train a classifier on ``train_tsv`` and save the best epoch's model to ``out_dir``.
 
@@ -644,7 +622,6 @@ def train(
         vocab=vocab,
         init_embeddings=init_embeddings,
         checkpoint=checkpoint,
-        train_labels=train_set.labels,
     )
     lr = learning_rate if learning_rate is not None else (SCRATCH_LR if scratch else PRETRAINED_LR)
     weight = (
@@ -670,8 +647,6 @@ def train(
             checkpoint=checkpoint,
             soft_targets=soft,
             soft_weight=weight,
-            label_smoothing=label_smoothing,
-            ema_decay=ema_decay,
         )
     arch = architecture(model)
     meta = ModelMeta(
