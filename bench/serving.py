@@ -16,8 +16,11 @@ Variants:
   (:func:`launch.services.inference_command`) on its own database where the
   model is promoted, default settings;
 * **worker-unbounded** — the same with the fairness bound off
-  (``TEXTCLS_BATCH_MAX_QUEUE_MS`` = 10⁹: the cheapest length group always goes
-  next): what the bound costs or gains;
+  (``TEXTCLS_BATCH_MAX_QUEUE_MS`` = 10⁹: the cheapest length group of the
+  queue always goes next and is answered on its own, the policy before batches
+  were cut from the oldest text): what the bound costs or gains;
+* optional **worker-alt** — the worker with the settings of ``--alt-env``:
+  an ablation of one setting in the same run;
 * **handwritten** — :func:`bench.baseline_server.create_handwritten_app`:
   FastAPI + onnxruntime on the same ``model.onnx``, no batching, Starlette's
   thread pool;
@@ -27,7 +30,12 @@ Variants:
 * **in-process limit** — the model alone in this process (tokenize +
   ``session.run`` via :mod:`pipeline.runtime`) on the same sentences in
   length-sorted batches of 32, same threads: what the cores can do with no
-  HTTP at all.
+  HTTP at all (the issue's target is against this row);
+* **in-process, arrival order** — the same, but batches of 32 in the order
+  the load sends them, each cut into the worker's length groups
+  (:func:`deploy.batcher.by_length`): the most a server answering 32 random
+  requests at a time can do, since it cannot sort sentences it has not
+  received yet.
 
 Load: ``wrk`` (installed with apt-get when missing), closed loop, with
 ``bench/wrk_predict.lua`` posting a different held-out sentence per request
@@ -60,6 +68,7 @@ from bench.chain import PRESETS, Chain, add_chain_arguments, build_chain
 from bench.common import environment, median, report, rotated, setup_logging, spread
 from bench.loadgen import predict_bodies
 from bench.stackutil import BenchStack, bench_stack, prometheus_values, wait_healthy
+from deploy.batcher import CALL_OVERHEAD_TOKENS, by_length, char_length
 from launch.procs import free_port
 from launch.services import inference_command, python
 from textcls.client import wait_ready
@@ -67,8 +76,9 @@ from textcls.client import wait_ready
 log = logging.getLogger(__name__)
 
 SHAPES = ("chain", "rbt3")
-VARIANTS = ("worker", "worker-unbounded", "handwritten", "seed")
+VARIANTS = ("worker", "worker-unbounded", "worker-alt", "handwritten", "seed")
 LIMIT = "in-process limit"
+ARRIVAL = "arrival"
 WRK_SCRIPT = Path(__file__).with_name("wrk_predict.lua")
 # The fairness bound "off": no text is ever overdue.
 UNBOUNDED_QUEUE_MS = "1000000000"
@@ -147,6 +157,7 @@ def start_servers(
     root: Path,
     threads: int,
     stack: Any,
+    alt_env: dict[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Start every (shape, variant) server; returns ``"shape/variant"`` -> {url, pid, ...}."""
     from pipeline.contract import ModelMeta
@@ -195,10 +206,16 @@ def start_servers(
             }
             if name == "worker-unbounded":
                 env["TEXTCLS_BATCH_MAX_QUEUE_MS"] = UNBOUNDED_QUEUE_MS
+            if name == "worker-alt":
+                env.update(alt_env or {})
             command = inference_command("127.0.0.1", port)
             info["pid"] = stack.group.start(key.replace("/", "-"), command, env).popen.pid
             info["model_id"] = model_id
-            info["settings"] = {k: v for k, v in env.items() if k.startswith("TEXTCLS_BATCH")}
+            info["settings"] = {
+                k: v
+                for k, v in env.items()
+                if k.startswith("TEXTCLS_BATCH") or k in (alt_env or {})
+            }
             servers[key] = info
     for key, info in servers.items():
         wait_healthy(info["url"], timeout=180)
@@ -267,22 +284,36 @@ def _server_side(before: dict[str, float], after: dict[str, float]) -> dict[str,
 
 
 class Limit:
-    """The model alone in this process on length-sorted batches of 32 (same threads)."""
+    """The model alone in this process on batches of 32 (same threads, tokenization included).
 
-    def __init__(self, folder: Path, texts: list[str], threads: int) -> None:
+    ``arrival=False``: the sentences sorted by length, the least padding any
+    batching can reach. ``arrival=True``: batches of 32 in the order the load
+    generator sends them, each cut into length groups as the worker cuts them.
+    """
+
+    def __init__(self, folder: Path, texts: list[str], threads: int, arrival: bool) -> None:
         from pipeline.runtime import load_predictor
 
         self.predictor = load_predictor(folder, device="cpu", threads=threads)
-        ordered = sorted(texts, key=len)
-        self.batches = [ordered[i : i + LIMIT_BATCH] for i in range(0, len(ordered), LIMIT_BATCH)]
-        self.predictor.predict(self.batches[0])  # first call pays for lazy initialisation
+        ordered = list(texts) if arrival else sorted(texts, key=len)
+        batches = [ordered[i : i + LIMIT_BATCH] for i in range(0, len(ordered), LIMIT_BATCH)]
+        self.calls = [g for b in batches for g in self._groups(b, arrival)]
+        self.predictor.predict(self.calls[0])  # first call pays for lazy initialisation
+
+    def _groups(self, batch: list[str], arrival: bool) -> list[list[str]]:
+        if not arrival:
+            return [batch]
+        cap = self.predictor.max_length
+        lengths = [min(char_length(None, t), cap) for t in batch]
+        groups = by_length(range(len(batch)), lengths, LIMIT_BATCH, CALL_OVERHEAD_TOKENS)
+        return [[batch[i] for i in g] for g in groups]
 
     def run(self, seconds: float) -> dict[str, Any]:
         done, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:
-            for batch in self.batches:
-                self.predictor.predict(batch)
-                done += len(batch)
+            for call in self.calls:
+                self.predictor.predict(call)
+                done += len(call)
         elapsed = time.perf_counter() - started
         return {"rps": done / elapsed, "texts": done, "seconds": elapsed}
 
@@ -410,6 +441,17 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 r >= RPS_OVER_LIMIT,
                 f"{w['rps']:.0f} vs {limit:.0f} = x{r:.2f}",
             )
+        arrival = result["summary"]["limit"].get(f"{shape}/{ARRIVAL}", {}).get("rps")
+        if arrival:
+            r = w["rps"] / arrival
+            out.append(
+                {
+                    "shape": shape,
+                    "target": f"(not a target) c={mid} req/s / in-process, arrival order",
+                    "measured": f"{w['rps']:.0f} vs {arrival:.0f} = x{r:.2f}",
+                    "met": None,
+                }
+            )
         if h is not None:
             r = w["rps"] / h["rps"]
             add(
@@ -453,13 +495,15 @@ def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]
                 row += [cell.get("rps"), cell.get("p50_ms"), cell.get("p99_ms")]
                 errors += int(cell.get("errors", 0))
             rows.append([*row, errors])
-        limit = result["summary"]["limit"].get(shape)
-        if limit:
-            rows.append(
-                [shape, f"{LIMIT} (batches of {LIMIT_BATCH})"]
-                + [limit["rps"], None, None] * len(cs)
-                + [None]
-            )
+        names = {shape: "length-sorted", f"{shape}/{ARRIVAL}": "arrival order"}
+        for key, how in names.items():
+            limit = result["summary"]["limit"].get(key)
+            if limit:
+                rows.append(
+                    [shape, f"{LIMIT} ({how} batches of {LIMIT_BATCH})"]
+                    + [limit["rps"], None, None] * len(cs)
+                    + [None]
+                )
     out.append(
         (f"serving: wrk closed loop, median of {result['config']['rounds']} rounds", cols, rows)
     )
@@ -528,6 +572,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="intra-op threads of every server's model and of the in-process limit (default 1: "
         "on two shared cores the HTTP event loop and wrk need the other core)",
     )
+    p.add_argument(
+        "--alt-env",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="settings of the worker-alt variant (an ablation: the worker with these set)",
+    )
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
@@ -580,9 +631,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     bodies_file = run_root / "bodies.jsonl"
     run_root.mkdir(parents=True, exist_ok=True)
     bodies_file.write_bytes(b"\n".join(predict_bodies(texts)) + b"\n")
-    limits = {shape: Limit(folder, texts, args.threads) for shape, folder in models.items()}
+    limits: dict[str, Limit] = {}
+    for shape, folder in models.items():
+        limits[shape] = Limit(folder, texts, args.threads, arrival=False)
+        limits[f"{shape}/{ARRIVAL}"] = Limit(folder, texts, args.threads, arrival=True)
+    result["loadavg_start"] = os.getloadavg()
     with bench_stack(run_root, f"sqlite:///{run_root / 'textcls.db'}") as stack:
-        servers = start_servers(models, seed_models, variants, run_root, args.threads, stack)
+        alt_env = dict(kv.split("=", 1) for kv in args.alt_env)
+        result["config"]["alt_env"] = alt_env
+        servers = start_servers(
+            models, seed_models, variants, run_root, args.threads, stack, alt_env
+        )
         result["servers"] = servers
         raw = run_load(
             wrk,
@@ -594,6 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warmup_s=warmup,
             duration_s=duration,
         )
+    result["loadavg_end"] = os.getloadavg()
     result["rounds_raw"] = raw
     result["summary"] = summarize(raw)
     result["targets"] = targets(json.loads(json.dumps(result, default=str)))

@@ -47,7 +47,7 @@ class InferenceMetrics:
         self.queue_age = Histogram(
             "textcls_batch_queue_age_seconds",
             "How long each text waited in the batching queue before its model call "
-            "(bounded by TEXTCLS_BATCH_MAX_QUEUE_MS plus the calls serving older texts)",
+            "(batches are cut from the oldest text once it has waited TEXTCLS_BATCH_MAX_QUEUE_MS)",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=self.registry,
         )

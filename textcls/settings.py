@@ -117,9 +117,12 @@ class Settings(BaseSettings):
     # A model call's fixed cost in padded tokens, for cutting batches into
     # length groups (0: one call per max_size texts however uneven).
     batch_call_overhead_tokens: int = 30
-    # Fairness bound: a text queued this long goes in the next model call
-    # whatever its length (0: the oldest text's length group always goes next).
+    # Fairness bound: once the oldest text has queued this long, batches are
+    # cut from the oldest text (0: always; above 0, the cheapest length group
+    # goes first until then).
     batch_max_queue_ms: float = Field(default=0.0, ge=0.0)
+    # Padded tokens (texts x longest) per batch, as TEI's max_batch_tokens.
+    batch_max_tokens: int = Field(default=4096, ge=1)
     # Inference workers re-read the current deployment this often even without
     # a pub/sub message (a missed message or a Redis restart delays a switch,
     # never loses it).

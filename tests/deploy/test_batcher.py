@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from deploy.batcher import DynamicBatcher, length_groups, next_call
-from deploy.inference import PredictInputError, parse_predict_body
+from deploy.batcher import DynamicBatcher, fifo_count, length_groups, next_call
+from deploy.inference import PredictInputError, parse_predict_body, settle_heap
 
 
 class FakeModel:
@@ -155,7 +155,7 @@ def test_uneven_lengths_are_split_into_groups() -> None:
     )
     assert first == _expected(["先"]) and rest == [_expected([t]) for t in texts]
     assert sorted(len(c) for c in model.calls[1:]) == [2, 6]
-    assert [len(t) for t in model.calls[1]] == [5] * 6  # the short group runs first
+    assert [len(t) for t in model.calls[1]] == [5] * 6  # groups run shortest first
     # With grouping off the same queue is one padded call.
     model2 = FakeModel("b", delay=0.05)
 
@@ -175,12 +175,45 @@ def test_an_overdue_oldest_text_goes_next_whatever_its_length() -> None:
     ages = [0.5] + [0.01] * 8
     lengths = [120] + [6] * 8
     before = next_call(ages, lengths, max_size=32, overhead=30, max_queue_s=1.0)
-    assert before == [1, 2, 3, 4, 5, 6, 7, 8]  # not overdue yet: the cheap short group first
+    assert before == [[1, 2, 3, 4, 5, 6, 7, 8]]  # not overdue yet: the cheap short group alone
     overdue = next_call(ages, lengths, max_size=32, overhead=30, max_queue_s=0.5)
-    assert overdue == [0]  # overdue: its own group, not padded with the short ones
+    # Overdue: the batch is cut from it, and inside the batch the short texts
+    # are not padded to its length.
+    assert overdue == [[1, 2, 3, 4, 5, 6, 7, 8], [0]]
     # Grouping is kept where it pays: texts near its length go with it.
     near = next_call([0.5, 0.1, 0.1], [120, 6, 118], max_size=32, overhead=30, max_queue_s=0.0)
-    assert sorted(near) == [0, 2]
+    assert near == [[1], [2, 0]]
+
+
+def test_fifo_count_keeps_to_the_size_and_token_budget() -> None:
+    assert fifo_count([10] * 40, max_size=32, max_tokens=4096) == 32
+    assert fifo_count([10] * 5, max_size=32, max_tokens=4096) == 5
+    # 4 x 100 padded tokens fit in 400, a fifth text would pad to 5 x 100.
+    assert fifo_count([10, 100, 10, 10, 10, 10], max_size=32, max_tokens=400) == 4
+    assert fifo_count([500, 10], max_size=32, max_tokens=400) == 1  # the oldest always goes
+    assert fifo_count([], max_size=32, max_tokens=400) == 0
+
+
+def test_batches_are_cut_from_the_oldest_text_in_queue_order() -> None:
+    """With the default bound every batch is a prefix of the queue: nobody jumps it."""
+    import random
+
+    rng = random.Random(0)
+    queue = [rng.choice([4, 6, 9, 12, 20, 40, 126]) for _ in range(300)]
+    served, cut_by_tokens = 0, 0
+    while served < len(queue):
+        rest = queue[served:]
+        groups = next_call(
+            [0.0] * len(rest), rest, max_size=32, overhead=30, max_queue_s=0.0, max_tokens=1024
+        )
+        picked = sorted(i for g in groups for i in g)
+        assert picked == list(range(len(picked)))  # the oldest texts, none skipped
+        assert len(picked) <= 32 and len(picked) * max(rest[i] for i in picked) <= 1024
+        cut_by_tokens += len(picked) < min(32, len(rest))
+        for g in groups:  # each group sorted by length
+            assert [rest[i] for i in g] == sorted(rest[i] for i in g)
+        served += len(picked)
+    assert cut_by_tokens, "the token budget never bound: the test would prove nothing"
 
 
 def _simulate(max_queue_s: float, steps: int, seed: int) -> dict[int, dict[str, Any]]:
@@ -210,11 +243,11 @@ def _simulate(max_queue_s: float, steps: int, seed: int) -> dict[int, dict[str, 
         for i, age in zip(window, ages, strict=True):
             if age >= max_queue_s and info[i]["older"] is None:
                 info[i]["older"] = queue.index(i)
-        picked = next_call(
+        groups = next_call(
             ages, [info[i]["length"] for i in window], max_size=32, overhead=30,
             max_queue_s=max_queue_s,
         )  # fmt: skip
-        call = [window[k] for k in picked]
+        call = [window[k] for g in groups for k in g]
         assert 1 <= len(call) <= 32
         if ages[0] >= max_queue_s:
             assert window[0] in call  # an overdue oldest text is never passed over
@@ -224,7 +257,8 @@ def _simulate(max_queue_s: float, steps: int, seed: int) -> dict[int, dict[str, 
         queue = [i for i in queue if i not in call]
         for i in call:
             info[i]["served"] = clock
-        clock += 0.0003 + 0.00001 * len(call) * max(info[i]["length"] for i in call)
+        for g in groups:
+            clock += 0.0003 + 0.00001 * len(g) * max(info[window[k]]["length"] for k in g)
     return info
 
 
@@ -248,65 +282,87 @@ def test_without_the_bound_a_long_text_can_wait_forever() -> None:
         # Every step eight fresh short texts arrive and the clock moves on 10 ms.
         ages = [a + 0.01 for a in ages] + [0.0] * 8
         lengths = lengths + [6] * 8
-        picked = next_call(ages, lengths, max_size=8, overhead=30, max_queue_s=float("inf"))
+        (picked,) = next_call(ages, lengths, max_size=8, overhead=30, max_queue_s=float("inf"))
         assert 0 not in picked, f"served at step {step}"
         ages = [a for k, a in enumerate(ages) if k not in picked]
         lengths = [n for k, n in enumerate(lengths) if k not in picked]
     assert ages[0] >= 0.5  # still queued after 50 calls
     # With a bound of 100 ms the same stream serves it on the first call after 100 ms.
-    picked = next_call(ages, lengths, max_size=8, overhead=30, max_queue_s=0.1)
-    assert 0 in picked
+    groups = next_call(ages, lengths, max_size=8, overhead=30, max_queue_s=0.1)
+    assert 0 in (i for g in groups for i in g)
 
 
-def test_batcher_serves_an_old_long_request_before_newer_short_ones() -> None:
-    """In the running batcher: the bound decides whether a long request waits behind short ones."""
+CALL_S = 0.2
 
-    def order_of_calls(max_queue_s: float) -> tuple[list[list[str]], list[float]]:
-        gate = threading.Event()
-        model = GatedModel(gate)
-        ages: list[float] = []
-        long_text, shorts = "长" * 100, [f"短{i}" for i in range(6)]
 
-        async def go(b: DynamicBatcher) -> None:
-            first = asyncio.ensure_future(b.predict(model, ["先"]))
-            while not model.calls:  # the first call has started and holds the model
-                await asyncio.sleep(0.001)
-            jobs = [asyncio.ensure_future(b.predict(model, [long_text]))]
-            await asyncio.sleep(0)
-            jobs += [asyncio.ensure_future(b.predict(model, [t])) for t in shorts]
-            while b.queued_texts < 1 + len(shorts):  # all queued behind the gated call
-                await asyncio.sleep(0.001)
-            gate.set()
-            await asyncio.gather(first, *jobs)
+def _long_and_shorts(max_queue_s: float) -> tuple[list[list[str]], list[float], float, list[float]]:
+    """A long request queued before six short ones, all behind a call that holds the model.
 
-        batcher = DynamicBatcher(
-            _run, max_batch_size=32, max_wait_s=0.0, max_queue_s=max_queue_s,
-            on_queue_age=ages.append,
-        )  # fmt: skip
+    Returns the model calls, the queue ages observed, and when the long request
+    and each short one got its answer (every call after the first takes ``CALL_S``).
+    """
+    gate = threading.Event()
+    model = GatedModel(gate, delay=CALL_S)
+    ages: list[float] = []
+    long_text, shorts = "长" * 100, [f"短{i}" for i in range(6)]
 
-        async def main() -> None:
-            batcher.start()
-            try:
-                await go(batcher)
-            finally:
-                await batcher.stop()
+    async def answered(b: DynamicBatcher, text: str) -> float:
+        await b.predict(model, [text])
+        return time.monotonic()
 
-        asyncio.run(main())
-        return model.calls, ages
+    async def go(b: DynamicBatcher) -> tuple[float, list[float]]:
+        first = asyncio.ensure_future(b.predict(model, ["先"]))
+        while not model.calls:  # the first call has started and holds the model
+            await asyncio.sleep(0.001)
+        jobs = [asyncio.ensure_future(answered(b, long_text))]
+        await asyncio.sleep(0)
+        jobs += [asyncio.ensure_future(answered(b, t)) for t in shorts]
+        while b.queued_texts < 1 + len(shorts):  # all queued behind the gated call
+            await asyncio.sleep(0.001)
+        gate.set()
+        await first
+        done = await asyncio.gather(*jobs)
+        return done[0], list(done[1:])
 
-    calls, ages = order_of_calls(0.0)
-    assert calls[1] == ["长" * 100]  # the oldest queued text's group goes first
+    batcher = DynamicBatcher(
+        _run, max_batch_size=32, max_wait_s=0.0, max_queue_s=max_queue_s,
+        on_queue_age=ages.append,
+    )  # fmt: skip
+
+    async def main() -> tuple[float, list[float]]:
+        batcher.start()
+        try:
+            return await go(batcher)
+        finally:
+            await batcher.stop()
+
+    long_done, shorts_done = asyncio.run(main())
+    return model.calls, ages, long_done, shorts_done
+
+
+def test_a_batch_is_cut_from_the_oldest_request_and_answered_at_once() -> None:
+    """The long request goes in the same batch as the newer short ones; all get answers together.
+
+    Inside the batch the short texts are their own group (not padded to the long
+    one), yet none of them is answered before the long one: every request of a
+    batch waits for the same calls, which is what keeps the tail near the median.
+    """
+    calls, ages, long_done, shorts_done = _long_and_shorts(0.0)
+    assert calls[1:] == [[f"短{i}" for i in range(6)], ["长" * 100]]
     assert len(ages) == 8 and all(a >= 0 for a in ages)
-    calls, _ = order_of_calls(3600.0)  # never overdue within this test
-    assert sorted(calls[1]) == sorted(f"短{i}" for i in range(6))  # shorts jump it
-    assert calls[2] == ["长" * 100]
+    # One delivery: the answers come within a fraction of one call of each other.
+    assert max(abs(t - long_done) for t in shorts_done) < CALL_S / 2
+    # Below the bound the short group jumps the long text and is answered a call earlier.
+    calls, _, long_done, shorts_done = _long_and_shorts(3600.0)  # never overdue here
+    assert calls[1:] == [[f"短{i}" for i in range(6)], ["长" * 100]]
+    assert long_done - max(shorts_done) >= CALL_S * 0.9
 
 
 class GatedModel(FakeModel):
     """A FakeModel whose calls wait until ``gate`` is set."""
 
-    def __init__(self, gate: threading.Event) -> None:
-        super().__init__("gated")
+    def __init__(self, gate: threading.Event, delay: float = 0.0) -> None:
+        super().__init__("gated", delay=delay)
         self.gate = gate
 
     def predict(self, texts: Sequence[str]) -> tuple[list[int], list[float]]:
@@ -386,3 +442,55 @@ def test_predict_body_shapes() -> None:
     assert parse_predict_body(
         '{"text": ["一句", "两句"]}'.encode(), max_text_chars=10, max_batch_texts=3
     ) == (["一句", "两句"], False)
+
+
+def test_settle_heap_freezes_what_lives_and_still_collects_new_garbage() -> None:
+    import gc
+    import weakref
+
+    class Node:
+        def __init__(self) -> None:
+            self.me = self  # a reference cycle: only the collector frees it
+
+    kept = Node()
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() > 0
+        before = gc.get_freeze_count()
+        garbage = Node()
+        gone = weakref.ref(garbage)
+        del garbage
+        gc.collect()
+        assert gone() is None  # cycles made after the freeze are still collected
+        assert gc.get_freeze_count() == before  # and the frozen part was left alone
+        # A swap settles again: what died since the last freeze is collected then.
+        dead = weakref.ref(kept)
+        del kept
+        settle_heap()
+        assert dead() is None
+    finally:
+        gc.unfreeze()
+
+
+def test_the_running_batcher_keeps_to_the_token_budget() -> None:
+    gate = threading.Event()
+    model = GatedModel(gate)
+    texts = [f"{i}{'字' * 49}" for i in range(10)]  # 50 characters: 52 tokens each
+
+    async def go(b: DynamicBatcher) -> list[Any]:
+        first = asyncio.ensure_future(b.predict(model, ["先"]))
+        while not model.calls:
+            await asyncio.sleep(0.001)
+        jobs = [asyncio.ensure_future(b.predict(model, [t])) for t in texts]
+        while b.queued_texts < len(texts):
+            await asyncio.sleep(0.001)
+        gate.set()
+        await first
+        return list(await asyncio.gather(*jobs))
+
+    results, sizes = asyncio.run(
+        _with_batcher(go, max_batch_size=32, max_wait_s=0.0, max_tokens=4 * 52)
+    )
+    assert results == [_expected([t]) for t in texts]
+    assert sizes[1:] == [4, 4, 2]  # 4 x 52 padded tokens fit the budget, 5 would not
+    assert [c for call in model.calls[1:] for c in call] == texts  # in queue order
