@@ -23,11 +23,13 @@ A FIFO batch is sorted by length and cut into length groups
 (:func:`length_groups`: padding waste against the fixed price of a call);
 the model thread runs every group of the batch back to back and answers the
 whole batch at once. So at a steady concurrency every request waits for about
-the same work, whatever its length: earlier releases answered each group as it
-returned and served the cheapest group first, which measured a c=32 p99 of
-2.1-2.6x the p50 on the serving benchmark because long sentences waited
-behind short ones call after call. A text is in the next batch once the texts
-before it fit in one, so its wait is bounded by the queue ahead of it.
+the same work, whatever its length. Earlier releases answered each group as it
+returned and served a cheap group first, and long sentences waited behind
+short ones call after call: the serving benchmark measured a c=32 p99 of
+2.1-2.6x the p50 then (garbage-collector pauses included, see
+``deploy.inference.settle_heap``) and 1.41-1.75x with both changes. A text is
+in the next batch once the texts before it fit in one, so its wait is bounded
+by the queue ahead of it.
 
 How long to wait for more requests is adaptive. The loop keeps an estimate of
 the demand: the texts of the last batch plus those queued when it returned
