@@ -22,7 +22,6 @@ import asyncio
 import gc
 import json
 import logging
-import os
 import secrets
 import sys
 import time
@@ -45,15 +44,6 @@ from textcls.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 
-# How long a thread may hold the GIL while another waits for it (Python's
-# default: 5 ms). The model thread needs the GIL back after every session.run
-# and tokenizer call; while the event loop is busy that wait is the whole
-# interval. Measured in one process here (the chain's int8 student, predict
-# on 8-text batches, one thread): 1,411 texts/s alone and 453 beside a busy
-# Python thread at 5 ms; 1,607 alone and 1,208 beside it at 0.5 ms.
-GIL_SWITCH_MS = 0.5
-
-
 class PredictInputError(Exception):
     """A request the client must fix; ``status`` is 4xx."""
 
@@ -61,15 +51,6 @@ class PredictInputError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def _setting(settings: Settings, name: str, default: Any, cast: Callable[[str], Any]) -> Any:
-    """A setting that may not be a ``Settings`` field yet: field, then env, then default."""
-    value = getattr(settings, name, None)
-    if value is not None:
-        return value
-    raw = os.environ.get(f"TEXTCLS_{name.upper()}")
-    return cast(raw) if raw not in (None, "") else default
 
 
 # --------------------------------------------------------------------------- input
@@ -235,9 +216,9 @@ def create_app(
         resolve_target=resolve_target,
         model_path=model_path,
         loader=loader,
-        device=str(_setting(settings, "inference_device", "auto", str)),
-        threads=_setting(settings, "inference_threads", None, int),
-        poll_interval=float(_setting(settings, "deployment_poll_interval", 5.0, float)),
+        device=settings.inference_device,
+        threads=settings.inference_threads,
+        poll_interval=settings.deployment_poll_interval,
         broker_url=broker_url,
         channel=deployment_channel(broker_url) if broker_url else None,
         on_swap=on_swap,
@@ -426,6 +407,5 @@ def app_factory() -> FastAPI:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = get_settings()
-    switch_ms = float(_setting(settings, "gil_switch_ms", GIL_SWITCH_MS, float))
-    sys.setswitchinterval(switch_ms / 1000.0)
+    sys.setswitchinterval(settings.gil_switch_ms / 1000.0)
     return create_app(settings)
