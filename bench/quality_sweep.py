@@ -39,25 +39,19 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import DEFAULT_WORKDIR, environment, report, setup_logging
+from pipeline.modeling import SCRATCH_PRESETS
 
 log = logging.getLogger(__name__)
 
-# Experimental from-scratch shapes (pipeline.modeling.SCRATCH_PRESETS holds the
-# shipped ones); registered in each sweep process before training. Compute per
-# token relative to tiny (4 x 96): tiny6 1.5x, mid 2.25x, small 6x.
+# Experimental from-scratch shapes, each a change to the shipped tiny preset
+# (pipeline.modeling.SCRATCH_PRESETS); registered in each sweep process before
+# training. Compute per token relative to tiny (4 x 96): tiny6 1.5x, mid 2.25x,
+# small 6x.
+_TINY = SCRATCH_PRESETS["tiny"]
 EXTRA_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny6": dict(
-        num_hidden_layers=6, hidden_size=96, num_attention_heads=6, intermediate_size=384
-    ),
-    "mid": dict(num_hidden_layers=4, hidden_size=144, num_attention_heads=6, intermediate_size=576),
-    "tiny-drop2": dict(
-        num_hidden_layers=4,
-        hidden_size=96,
-        num_attention_heads=6,
-        intermediate_size=384,
-        hidden_dropout_prob=0.2,
-        attention_probs_dropout_prob=0.2,
-    ),
+    "tiny6": {**_TINY, "num_hidden_layers": 6},
+    "mid": {**_TINY, "hidden_size": 144, "intermediate_size": 576},
+    "tiny-drop2": {**_TINY, "hidden_dropout_prob": 0.2, "attention_probs_dropout_prob": 0.2},
 }
 
 
