@@ -23,7 +23,11 @@ from typing import Any
 import httpx
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import (
+    NoSuchElementException,
+    StaleElementReferenceException,
+    TimeoutException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -88,10 +92,26 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
+    # A flash hides itself after 4 s; on a loaded 2-core runner a poll can miss it, so
+    # every page records each message it flashes (read by Console.flash).
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": FLASH_RECORDER})
     try:
         yield driver
     finally:
         driver.quit()
+
+
+FLASH_RECORDER = """
+window.__flashes = [];
+document.addEventListener("DOMContentLoaded", () => {
+  const box = document.getElementById("flash");
+  if (!box) return;
+  new MutationObserver(() => {
+    const text = box.textContent.trim();
+    if (text) window.__flashes.push(text);
+  }).observe(box, { childList: true, subtree: true, characterData: true });
+});
+"""
 
 
 class Console:
@@ -147,13 +167,19 @@ class Console:
         return str(self.wait(read, what=css)[0])
 
     def flash(self, expect: str) -> str:
-        """The flash message once it says ``expect`` (an earlier one may still show)."""
+        """The first message flashed since the last check that says ``expect``."""
 
         def shown() -> str | None:
-            text = self.d.find_element(By.ID, "flash").text
-            return text if expect in text else None
+            seen = self.d.execute_script("return window.__flashes || []")
+            return next((m for m in seen if expect in m), None)
 
-        return str(self.wait(shown, what=f"the flash {expect!r}"))
+        try:
+            found = str(self.wait(shown, what=f"the flash {expect!r}"))
+        except TimeoutException:
+            seen = self.d.execute_script("return window.__flashes || []")
+            raise AssertionError(f"no flash saying {expect!r}; flashed: {seen!r}") from None
+        self.d.execute_script("window.__flashes = []")
+        return found
 
     def give_key(self, key: str = API_KEY) -> None:
         dialog = self.find("#key-dialog")
