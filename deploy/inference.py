@@ -25,7 +25,7 @@ import logging
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -157,8 +157,15 @@ def _model_folder(target: ServedModel) -> Path:
     return ArtifactStore().resolve(target.model_path)
 
 
-def _run_model(model: LoadedModel, texts: list[str]) -> tuple[Any, Any]:
-    return model.predictor.predict(texts)
+def _tokenize(model: LoadedModel, texts: Sequence[str]) -> Sequence[Any]:
+    # On the event loop as a request arrives (see DynamicBatcher._prepared).
+    tokens: Sequence[Any] = model.predictor.tokenize(texts)
+    return tokens
+
+
+def _run_model(model: LoadedModel, tokens: list[Any]) -> tuple[Any, Any]:
+    # Pads the batch and runs it: the model thread does no tokenizing.
+    return model.predictor.predict_tokens(tokens)
 
 
 def _label_names(model: LoadedModel, categories: list[int]) -> list[str]:
@@ -167,8 +174,19 @@ def _label_names(model: LoadedModel, categories: list[int]) -> list[str]:
     return [names[c] if 0 <= c < len(names) else str(c) for c in categories]
 
 
+def _token_count(_model: LoadedModel, tokens: Any) -> int:
+    # Exact, specials included and truncated at max_length: the batch's cost.
+    return len(tokens.ids)
+
+
+def _run_texts(model: LoadedModel, texts: list[str]) -> tuple[Any, Any]:
+    # batch_tokenize_on_arrival off: the model thread tokenizes too.
+    return model.predictor.predict(texts)
+
+
 def _text_cost(model: LoadedModel, text: str) -> int:
-    # The batcher's character estimate, capped where the tokenizer truncates.
+    # Characters plus specials (one token per Chinese character), capped where
+    # the tokenizer truncates.
     return min(char_length(model, text), int(getattr(model.predictor, "max_length", 512)))
 
 
@@ -224,14 +242,16 @@ def create_app(
         on_swap=on_swap,
         on_load_failure=lambda _model_id: metrics.load_failures.inc(),
     )
+    on_arrival = settings.batch_tokenize_on_arrival
     batcher = DynamicBatcher(
-        _run_model,
+        _run_model if on_arrival else _run_texts,
         max_batch_size=settings.batch_max_size,
         max_wait_s=settings.batch_max_wait_ms / 1000.0,
         max_queue_s=settings.batch_max_queue_ms / 1000.0,
         max_tokens=settings.batch_max_tokens,
         adaptive_wait=settings.batch_adaptive_wait,
-        length_of=_text_cost,
+        length_of=_token_count if on_arrival else _text_cost,
+        prepare=_tokenize if on_arrival else None,
         call_overhead_tokens=settings.batch_call_overhead_tokens,
         on_batch=metrics.batch_size.observe,
         on_queue_age=metrics.queue_age.observe,

@@ -265,8 +265,8 @@ class ModelRegistry:
             folder = self._model_path(target)
             log.info("loading model %s (%s) from %s", target.model_id, target.model_format, folder)
             predictor = self._loader(folder, self.device, self.threads)
-            for n in (1, 4):
-                predictor.predict(WARMUP_TEXTS * n)
+            for n in (1, 4):  # the calls serving makes (deploy.inference)
+                predictor.predict_tokens(predictor.tokenize(WARMUP_TEXTS * n))
         except Exception as exc:
             log.exception("loading model %s failed; keeping the current model", target.model_id)
             self._failed[target.deployment_id] = time.monotonic()

@@ -11,7 +11,7 @@ import copy
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -172,17 +172,63 @@ def encode(
     return out
 
 
-def _backend_for(tokenizer: Any, max_length: int, pad_to: int | None) -> Any:
+class Tokens(NamedTuple):
+    """One text's tokens, truncated but not padded (what :func:`tokenize` gives per text)."""
+
+    ids: list[int]
+    type_ids: list[int]
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[Tokens]:
+    """Each text's token ids and type ids, truncated at ``max_length``, unpadded.
+
+    Serving tokenizes every request as it arrives and pads only when a batch
+    is formed, so the model thread does not tokenize and the batcher knows
+    each text's real token count. :func:`collate` of this is exactly
+    :func:`encode` of the same texts (tests/pipeline/test_preprocess.py).
+    """
+    backend = _backend_for(tokenizer, max_length, None, pad=False)
+    if backend is not None:
+        return [Tokens(e.ids, e.type_ids) for e in backend.encode_batch(list(texts))]
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+    type_ids = enc.get("token_type_ids") or [[0] * len(ids) for ids in enc["input_ids"]]
+    return [Tokens(list(i), list(t)) for i, t in zip(enc["input_ids"], type_ids, strict=True)]
+
+
+def collate(tokenizer: Any, tokens: Sequence[Tokens]) -> dict[str, np.ndarray]:
+    """Pad :func:`tokenize`'s output to the longest text, as :func:`encode` pads a batch."""
+    longest = max((len(t.ids) for t in tokens), default=0)
+    shape = (len(tokens), longest)
+    ids = np.full(shape, int(tokenizer.pad_token_id or 0), dtype=np.int64)
+    mask = np.zeros(shape, dtype=np.int64)
+    types = np.full(shape, int(getattr(tokenizer, "pad_token_type_id", 0) or 0), dtype=np.int64)
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    for row, t in enumerate(tokens):
+        n = len(t.ids)
+        cols = slice(longest - n, longest) if left else slice(0, n)
+        ids[row, cols] = t.ids
+        mask[row, cols] = 1
+        types[row, cols] = t.type_ids
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+# (max_length, pad_to, pad): one configured backend copy per combination.
+_BackendKey = tuple[int, int | None, bool]
+
+
+def _backend_for(tokenizer: Any, max_length: int, pad_to: int | None, *, pad: bool = True) -> Any:
     """A copy of a fast tokenizer's backend set to truncate and pad as :func:`encode` does.
+
+    With ``pad=False`` it truncates only (:func:`tokenize`).
 
     transformers' ``__call__`` spends more time in Python (argument
     resolution, ``BatchEncoding``) than the Rust tokenizer spends on a short
-    sentence. The copy is configured once per (``max_length``, ``pad_to``) and
-    cached on the tokenizer object; the original's own truncation and padding
+    sentence. The copy is configured once per :data:`_BackendKey` and cached
+    on the tokenizer object; the original's own truncation and padding
     state is never touched. ``None`` for slow (pure Python) tokenizers or
     tokenizers whose padding side or pad token this path does not reproduce.
     """
-    cache: dict[tuple[int, int | None], Any] | None = getattr(tokenizer, "_textcls_backends", None)
+    cache: dict[_BackendKey, Any] | None = getattr(tokenizer, "_textcls_backends", None)
     if cache is None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None or tokenizer.pad_token_id is None:
@@ -192,20 +238,23 @@ def _backend_for(tokenizer: Any, max_length: int, pad_to: int | None) -> Any:
             tokenizer._textcls_backends = cache
         except AttributeError:  # a tokenizer class that forbids new attributes
             return None
-    key = (int(max_length), pad_to)
+    key = (int(max_length), pad_to, pad)
     if key not in cache:
         backend = copy.deepcopy(tokenizer.backend_tokenizer)
         backend.enable_truncation(
             max_length=pad_to or max_length,
             direction=getattr(tokenizer, "truncation_side", "right"),
         )
-        backend.enable_padding(
-            direction=getattr(tokenizer, "padding_side", "right"),
-            pad_id=int(tokenizer.pad_token_id),
-            pad_type_id=int(getattr(tokenizer, "pad_token_type_id", 0) or 0),
-            pad_token=str(tokenizer.pad_token),
-            length=pad_to,
-        )
+        if not pad:
+            backend.no_padding()
+        else:
+            backend.enable_padding(
+                direction=getattr(tokenizer, "padding_side", "right"),
+                pad_id=int(tokenizer.pad_token_id),
+                pad_type_id=int(getattr(tokenizer, "pad_token_type_id", 0) or 0),
+                pad_token=str(tokenizer.pad_token),
+                length=pad_to,
+            )
         cache[key] = backend
     return cache[key]
 

@@ -30,7 +30,14 @@ import numpy as np
 from pipeline.common import StepError
 from pipeline.contract import FORMATS, LOGITS, META_FILE, MODEL_INPUTS, ONNX_FILE, ModelMeta
 from pipeline.modeling import load_model
-from pipeline.preprocess import encode, load_tokenizer, token_lengths
+from pipeline.preprocess import (
+    Tokens,
+    collate,
+    encode,
+    load_tokenizer,
+    token_lengths,
+    tokenize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +83,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return out
 
 
+def top_class(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels int64 [n], softmax probability of each label float32 [n])`` of ``logits``."""
+    probs = softmax(logits)
+    labels = probs.argmax(axis=-1).astype(np.int64)
+    return labels, probs[np.arange(len(labels)), labels].astype(np.float32)
+
+
 class Predictor(ABC):
     """A loaded model: texts in, logits / labels and probabilities out."""
 
@@ -106,6 +120,17 @@ class Predictor(ABC):
         with self._tok_lock:
             return encode(self.tokenizer, texts, self.max_length)
 
+    def tokenize(self, texts: Sequence[str]) -> list[Tokens]:
+        """Each text's tokens, unpadded (:func:`pipeline.preprocess.tokenize`)."""
+        with self._tok_lock:
+            return tokenize(self.tokenizer, texts, self.max_length)
+
+    def predict_tokens(self, tokens: Sequence[Tokens]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`predict` for texts :meth:`tokenize` already tokenized (padded here)."""
+        if not tokens:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        return top_class(self.predict_encoded(collate(self.tokenizer, tokens)))
+
     def token_lengths(self, texts: Sequence[str]) -> list[int]:
         """Token counts (with specials, capped at ``max_length``), for length grouping."""
         with self._tok_lock:
@@ -132,10 +157,7 @@ class Predictor(ABC):
 
     def predict(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(labels int64 [n], softmax probability of each predicted label float32 [n])``."""
-        logits = self.predict_logits(texts)
-        probs = softmax(logits)
-        labels = probs.argmax(axis=-1).astype(np.int64)
-        return labels, probs[np.arange(len(labels)), labels].astype(np.float32)
+        return top_class(self.predict_logits(texts))
 
     @abstractmethod
     def close(self) -> None:

@@ -123,6 +123,10 @@ class Settings(BaseSettings):
     batch_max_queue_ms: float = Field(default=0.0, ge=0.0)
     # Padded tokens (texts x longest) per batch, as TEI's max_batch_tokens.
     batch_max_tokens: int = Field(default=4096, ge=1)
+    # Tokenize each request on the event loop as it arrives, so the model
+    # thread only pads and runs batches and lengths are exact token counts;
+    # False tokenizes in the model thread, by character-count estimates.
+    batch_tokenize_on_arrival: bool = True
     # Inference workers re-read the current deployment this often even without
     # a pub/sub message (a missed message or a Redis restart delays a switch,
     # never loses it).

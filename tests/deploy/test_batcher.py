@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 
-from deploy.batcher import DynamicBatcher, fifo_count, length_groups, next_call
+from deploy.batcher import (
+    PREPARE_INLINE_CHARS,
+    DynamicBatcher,
+    fifo_count,
+    length_groups,
+    next_call,
+)
 from deploy.inference import PredictInputError, parse_predict_body, settle_heap
 
 
@@ -494,3 +500,53 @@ def test_the_running_batcher_keeps_to_the_token_budget() -> None:
     assert results == [_expected([t]) for t in texts]
     assert sizes[1:] == [4, 4, 2]  # 4 x 52 padded tokens fit the budget, 5 would not
     assert [c for call in model.calls[1:] for c in call] == texts  # in queue order
+
+
+def test_prepare_runs_as_requests_arrive_and_off_the_loop_for_big_ones() -> None:
+    """``prepare`` makes each text's item once, on arrival; the model thread gets the items.
+
+    Items here are (text, thread that prepared it); lengths come from the items.
+    """
+    model = FakeModel("a")
+    seen_lengths: list[Any] = []
+
+    def prepare(_model: Any, texts: Sequence[str]) -> list[tuple[str, str]]:
+        if "坏" in texts:
+            raise ValueError("cannot tokenize")
+        return [(t, threading.current_thread().name) for t in texts]
+
+    def length_of(_model: Any, item: tuple[str, str]) -> int:
+        seen_lengths.append(item)
+        return len(item[0])
+
+    def run(m: Any, items: list[tuple[str, str]]) -> tuple[list[int], list[float]]:
+        return m.predict([text for text, _ in items])
+
+    big = ["长" * 1000] * (PREPARE_INLINE_CHARS // 1000 + 1)
+
+    async def go(b: DynamicBatcher) -> tuple[Any, Any, str, Exception]:
+        loop_thread = threading.current_thread().name
+        small = await b.predict(model, ["好", "一般般"])
+        large = await b.predict(model, big)
+        try:
+            await b.predict(model, ["坏"])
+        except ValueError as exc:
+            failed = exc
+        return small, large, loop_thread, failed
+
+    batcher = DynamicBatcher(run, length_of=length_of, prepare=prepare, max_wait_s=0.001)
+
+    async def main() -> tuple[Any, Any, str, Exception]:
+        batcher.start()
+        try:
+            return await go(batcher)
+        finally:
+            await batcher.stop()
+
+    small, large, loop_thread, failed = asyncio.run(main())
+    assert small == _expected(["好", "一般般"]) and large == _expected(big)
+    assert "cannot tokenize" in str(failed)
+    assert [t for t, _ in seen_lengths] == ["好", "一般般", *big]
+    assert {name for _, name in seen_lengths[:2]} == {loop_thread}  # small: on the event loop
+    assert loop_thread not in {name for _, name in seen_lengths[2:]}  # big: on a worker thread
+    assert sorted(t for call in model.calls for t in call) == sorted(["好", "一般般", *big])

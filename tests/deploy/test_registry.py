@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from deploy.inference import create_app
 from deploy.registry import ModelRegistry
+from pipeline.preprocess import Tokens
 from textcls.deployments import ServedModel, deployment_channel
 from textcls.settings import Settings
 
@@ -25,8 +26,12 @@ class FakePredictor:
     def close(self) -> None:
         self.closed = True
 
-    def predict(self, texts: Sequence[str]) -> tuple[list[int], list[float]]:
-        return [self.label % 2] * len(texts), [0.9] * len(texts)
+    # Serving's contract: tokenize as a request arrives, predict on a batch of tokens.
+    def tokenize(self, texts: Sequence[str]) -> list[Tokens]:
+        return [Tokens([2, *range(5, 5 + len(t)), 3], [0] * (len(t) + 2)) for t in texts]
+
+    def predict_tokens(self, tokens: Sequence[Tokens]) -> tuple[list[int], list[float]]:
+        return [self.label % 2] * len(tokens), [0.9] * len(tokens)
 
 
 class Db:
@@ -160,13 +165,13 @@ def test_in_process_app_api_key_ready_and_pinning() -> None:
         # Requests pin the model they started with, across a swap.
         pinned = app.state.registry.current
         release = threading.Event()
-        original = pinned.predictor.predict
+        original = pinned.predictor.predict_tokens
 
-        def slow(texts: Sequence[str]) -> tuple[list[int], list[float]]:
+        def slow(tokens: Sequence[Tokens]) -> tuple[list[int], list[float]]:
             release.wait(5)
-            return original(texts)
+            return original(tokens)
 
-        pinned.predictor.predict = slow
+        pinned.predictor.predict_tokens = slow
         results: list[Any] = []
         t = threading.Thread(
             target=lambda: results.append(client.post("/predict", json={"text": "x"}, headers=key))

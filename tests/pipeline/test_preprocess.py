@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.corpus import Splits
 from pipeline.data import read_tsv
-from pipeline.preprocess import encode, load_tokenizer, make_char_tokenizer
+from pipeline.preprocess import collate, encode, load_tokenizer, make_char_tokenizer, tokenize
 
 KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -49,6 +49,26 @@ def test_encode_matches_the_transformers_call(
     assert len(tok(["一", "一二三"])["input_ids"][0]) == 3
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_collate_of_tokenize_is_encode(
+    random_model_dir: Path, small_splits: Splits, side: str
+) -> None:
+    """Serving's path (tokenize per request, pad per batch) gives the same arrays as encode()."""
+    tok = load_tokenizer(random_model_dir)
+    tok.padding_side = side
+    texts = ["Hello 世界 ABC", "☃ 未知字符 ⛄", *read_tsv(small_splits.test).texts[:120]]
+    for max_length in (16, 128):
+        tokens = tokenize(tok, texts, max_length)
+        assert all(len(t.ids) == len(t.type_ids) <= max_length for t in tokens)
+        for size in (1, 5, 32):
+            for start in range(0, len(texts), size):
+                got = collate(tok, tokens[start : start + size])
+                want = encode(tok, texts[start : start + size], max_length)
+                for key in KEYS:
+                    assert got[key].dtype == np.int64
+                    np.testing.assert_array_equal(got[key], want[key], err_msg=f"{key} {start}")
+
+
 def test_encode_on_a_fresh_char_tokenizer() -> None:
     """A tokenizer built in memory (never saved) goes through the same path."""
     tok = make_char_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "好", "坏"])
@@ -56,6 +76,9 @@ def test_encode_on_a_fresh_char_tokenizer() -> None:
     np.testing.assert_array_equal(got["input_ids"], [[2, 5, 5, 3], [2, 6, 3, 0]])
     np.testing.assert_array_equal(got["attention_mask"], [[1, 1, 1, 1], [1, 1, 1, 0]])
     np.testing.assert_array_equal(got["token_type_ids"], np.zeros((2, 4)))
+    again = collate(tok, tokenize(tok, ["好好", "坏"], 8))
+    for key in KEYS:
+        np.testing.assert_array_equal(again[key], got[key])
 
 
 def test_wordpiece_vocab_survives_a_save_and_reload(tmp_path: Path, small_splits: Splits) -> None:
