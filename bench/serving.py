@@ -54,6 +54,7 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -68,7 +69,7 @@ from bench.chain import PRESETS, Chain, add_chain_arguments, build_chain
 from bench.common import environment, median, report, rotated, setup_logging, spread
 from bench.loadgen import predict_bodies
 from bench.stackutil import BenchStack, bench_stack, prometheus_values, wait_healthy
-from deploy.batcher import CALL_OVERHEAD_TOKENS, by_length, char_length
+from deploy.batcher import CALL_OVERHEAD_TOKENS, by_length
 from launch.procs import free_port
 from launch.services import inference_command, python
 from textcls.client import wait_ready
@@ -246,7 +247,10 @@ def run_wrk(
         "--",
         str(bodies_file),
     ]
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wrk_cpu_s = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
     match = re.search(r"^WRKJSON (.*)$", out.stdout, re.MULTILINE)
     if out.returncode != 0 or match is None:
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr.strip() or out.stdout}")
@@ -263,7 +267,15 @@ def run_wrk(
         "max_ms": lat["max"] / 1000.0,
         "errors": int(sum(raw["errors"].values())),
         "error_kinds": raw["errors"],
+        # Cores wrk itself used: on 2 shared cores, what the server could not.
+        "wrk_cores": wrk_cpu_s / seconds if seconds else 0.0,
     }
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a running process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _server_side(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -303,8 +315,8 @@ class Limit:
     def _groups(self, batch: list[str], arrival: bool) -> list[list[str]]:
         if not arrival:
             return [batch]
-        cap = self.predictor.max_length
-        lengths = [min(char_length(None, t), cap) for t in batch]
+        # Exact token counts, as the worker groups the texts it tokenized on arrival.
+        lengths = self.predictor.token_lengths(batch)
         groups = by_length(range(len(batch)), lengths, LIMIT_BATCH, CALL_OVERHEAD_TOKENS)
         return [[batch[i] for i in g] for g in groups]
 
@@ -350,7 +362,11 @@ def run_load(
                 is_worker = servers[key]["model_id"] is not None
                 run_wrk(wrk, url, bodies_file, concurrency=c, duration_s=warmup_s)
                 before = prometheus_values(url) if is_worker else {}
+                cpu_before, started = process_cpu_s(servers[key]["pid"]), time.monotonic()
                 row = run_wrk(wrk, url, bodies_file, concurrency=c, duration_s=duration_s)
+                row["server_cores"] = (process_cpu_s(servers[key]["pid"]) - cpu_before) / (
+                    time.monotonic() - started
+                )
                 if is_worker:
                     row["server"] = _server_side(before, prometheus_values(url))
                 load[key][c].append(row)
@@ -387,6 +403,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
                 if servers
                 else None,
                 "mean_queue_ms": median(s["mean_queue_ms"] for s in servers) if servers else None,
+                "server_cores": median(r.get("server_cores", 0.0) for r in runs),
+                "wrk_cores": median(r.get("wrk_cores", 0.0) for r in runs),
             }
     limit = {
         shape: {"rps": median(r["rps"] for r in runs), "rps_rounds": [r["rps"] for r in runs]}
@@ -521,6 +539,18 @@ def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]
             + [x.get("mean_queue_ms") for x in cells]
         )
     out.append(("worker internals (from its /metrics)", icols, irows))
+
+    ccols = ["shape", "server"] + [f"c={c} server cores" for c in cs]
+    ccols += [f"c={c} wrk cores" for c in cs]
+    crows = []
+    for key in result["summary"]["load"]:
+        cells = [_cell(result, key, c) or {} for c in cs]
+        crows.append(
+            key.split("/")
+            + [x.get("server_cores") for x in cells]
+            + [x.get("wrk_cores") for x in cells]
+        )
+    out.append(("CPU used (cores, of the machine's 2; /proc and getrusage)", ccols, crows))
 
     fcols = ["shape"] + [f"c={c} req/s bounded / unbounded" for c in cs]
     fcols += [f"c={c} p99 bounded / unbounded" for c in cs]
