@@ -298,8 +298,11 @@ def _server_side(before: dict[str, float], after: dict[str, float]) -> dict[str,
 class Limit:
     """The model alone in this process on batches of 32 (same threads, tokenization included).
 
-    ``arrival=False``: the sentences sorted by length, the least padding any
-    batching can reach. ``arrival=True``: batches of 32 in the order the load
+    ``arrival=False``: the sentences sorted by token count (exact, from the
+    model's tokenizer; on the 400 benchmark sentences, batches sorted by
+    characters held 14% (chain) and 9% (rbt3) more padded tokens, and that
+    row ran slower than the arrival-order one),
+    the least padding any batching can reach. ``arrival=True``: batches of 32 in the order the load
     generator sends them, each cut into length groups as the worker cuts them.
     """
 
@@ -307,7 +310,11 @@ class Limit:
         from pipeline.runtime import load_predictor
 
         self.predictor = load_predictor(folder, device="cpu", threads=threads)
-        ordered = list(texts) if arrival else sorted(texts, key=len)
+        if arrival:
+            ordered = list(texts)
+        else:
+            counts = self.predictor.token_lengths(texts)
+            ordered = [t for _, t in sorted(zip(counts, texts, strict=True), key=lambda x: x[0])]
         batches = [ordered[i : i + LIMIT_BATCH] for i in range(0, len(ordered), LIMIT_BATCH)]
         self.calls = [g for b in batches for g in self._groups(b, arrival)]
         self.predictor.predict(self.calls[0])  # first call pays for lazy initialisation
