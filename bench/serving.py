@@ -500,6 +500,19 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- report
 
 
+def _per_server(
+    title: str, result: dict[str, Any], keys: list[str], fields: list[tuple[str, str]]
+) -> tuple[str, list[str], list[list[Any]]]:
+    """A table of ``keys`` (shape/server) by each (label, field) at every concurrency."""
+    cs = result["config"]["concurrency"]
+    cols = ["shape", "server"] + [f"c={c} {label}" for label, _ in fields for c in cs]
+    rows = []
+    for key in keys:
+        cells = [_cell(result, key, c) or {} for c in cs]
+        rows.append(key.split("/") + [x.get(field) for _, field in fields for x in cells])
+    return title, cols, rows
+
+
 def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
     cs = result["config"]["concurrency"]
     out: list[tuple[str, list[str], list[list[Any]]]] = []
@@ -533,31 +546,12 @@ def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]
         (f"serving: wrk closed loop, median of {result['config']['rounds']} rounds", cols, rows)
     )
 
-    icols = ["shape", "server"] + [f"c={c} texts/call" for c in cs]
-    icols += [f"c={c} mean queue ms" for c in cs]
-    irows = []
-    for key in result["summary"]["load"]:
-        if not key.split("/")[1].startswith("worker"):
-            continue
-        cells = [_cell(result, key, c) or {} for c in cs]
-        irows.append(
-            key.split("/")
-            + [x.get("mean_batch_texts") for x in cells]
-            + [x.get("mean_queue_ms") for x in cells]
-        )
-    out.append(("worker internals (from its /metrics)", icols, irows))
-
-    ccols = ["shape", "server"] + [f"c={c} server cores" for c in cs]
-    ccols += [f"c={c} wrk cores" for c in cs]
-    crows = []
-    for key in result["summary"]["load"]:
-        cells = [_cell(result, key, c) or {} for c in cs]
-        crows.append(
-            key.split("/")
-            + [x.get("server_cores") for x in cells]
-            + [x.get("wrk_cores") for x in cells]
-        )
-    out.append(("CPU used (cores, of the machine's 2; /proc and getrusage)", ccols, crows))
+    workers = [k for k in result["summary"]["load"] if k.split("/")[1].startswith("worker")]
+    internals = [("texts/call", "mean_batch_texts"), ("mean queue ms", "mean_queue_ms")]
+    out.append(_per_server("worker internals (from its /metrics)", result, workers, internals))
+    cores = [("server cores", "server_cores"), ("wrk cores", "wrk_cores")]
+    title = "CPU used (cores, of the machine's 2; /proc and getrusage)"
+    out.append(_per_server(title, result, list(result["summary"]["load"]), cores))
 
     fcols = ["shape"] + [f"c={c} req/s bounded / unbounded" for c in cs]
     fcols += [f"c={c} p99 bounded / unbounded" for c in cs]
