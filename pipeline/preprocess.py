@@ -261,8 +261,7 @@ def _backend_for(tokenizer: Any, max_length: int, pad_to: int | None, *, pad: bo
 
 def token_lengths(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[int]:
     """Token count per text (with specials, capped), for length-grouped batching."""
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
-    return [len(ids) for ids in enc["input_ids"]]
+    return [len(t.ids) for t in tokenize(tokenizer, texts, max_length)]
 
 
 def length_grouped_batches(

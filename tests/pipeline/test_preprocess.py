@@ -10,7 +10,14 @@ import pytest
 
 from pipeline.corpus import Splits
 from pipeline.data import read_tsv
-from pipeline.preprocess import collate, encode, load_tokenizer, make_char_tokenizer, tokenize
+from pipeline.preprocess import (
+    collate,
+    encode,
+    load_tokenizer,
+    make_char_tokenizer,
+    token_lengths,
+    tokenize,
+)
 
 KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -60,6 +67,8 @@ def test_collate_of_tokenize_is_encode(
     for max_length in (16, 128):
         tokens = tokenize(tok, texts, max_length)
         assert all(len(t.ids) == len(t.type_ids) <= max_length for t in tokens)
+        plain = tok(texts, truncation=True, max_length=max_length)["input_ids"]
+        assert token_lengths(tok, texts, max_length) == [len(ids) for ids in plain]
         for size in (1, 5, 32):
             for start in range(0, len(texts), size):
                 got = collate(tok, tokens[start : start + size])
