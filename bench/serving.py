@@ -70,6 +70,7 @@ from bench.common import environment, median, report, rotated, setup_logging, sp
 from bench.loadgen import predict_bodies
 from bench.stackutil import BenchStack, bench_stack, prometheus_values, wait_healthy
 from deploy.batcher import CALL_OVERHEAD_TOKENS, by_length
+from deploy.inference import model_calls_in_flight
 from launch.procs import free_port
 from launch.services import inference_command, python
 from textcls.client import wait_ready
@@ -80,6 +81,7 @@ SHAPES = ("chain", "rbt3")
 VARIANTS = ("worker", "worker-unbounded", "worker-alt", "handwritten", "seed")
 LIMIT = "in-process limit"
 ARRIVAL = "arrival"
+PARALLEL = "parallel"
 WRK_SCRIPT = Path(__file__).with_name("wrk_predict.lua")
 # The fairness bound "off": no text is ever overdue.
 UNBOUNDED_QUEUE_MS = "1000000000"
@@ -292,6 +294,7 @@ def _server_side(before: dict[str, float], after: dict[str, float]) -> dict[str,
         "mean_queue_ms": 1000.0 * delta("textcls_batch_queue_age_seconds_sum") / texts
         if texts
         else 0.0,
+        "model_threads": after.get("textcls_batch_model_threads", 0.0),
     }
 
 
@@ -306,9 +309,12 @@ class Limit:
     generator sends them, each cut into length groups as the worker cuts them.
     """
 
-    def __init__(self, folder: Path, texts: list[str], threads: int, arrival: bool) -> None:
+    def __init__(
+        self, folder: Path, texts: list[str], threads: int, arrival: bool, calls: int = 1
+    ) -> None:
         from pipeline.runtime import load_predictor
 
+        self.parallel = calls
         self.predictor = load_predictor(folder, device="cpu", threads=threads)
         if arrival:
             ordered = list(texts)
@@ -328,11 +334,23 @@ class Limit:
         return [[batch[i] for i in g] for g in groups]
 
     def run(self, seconds: float) -> dict[str, Any]:
-        done, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            for call in self.calls:
-                self.predictor.predict(call)
-                done += len(call)
+        """Texts per second over ``seconds``, ``parallel`` calls at a time (one thread each)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        started = time.perf_counter()
+
+        def loop(offset: int) -> int:
+            done = 0
+            while time.perf_counter() - started < seconds:
+                for k in range(len(self.calls)):
+                    call = self.calls[(k + offset) % len(self.calls)]
+                    self.predictor.predict(call)
+                    done += len(call)
+            return done
+
+        with ThreadPoolExecutor(self.parallel) as pool:
+            step = len(self.calls) // self.parallel
+            done = sum(pool.map(loop, [i * step for i in range(self.parallel)]))
         elapsed = time.perf_counter() - started
         return {"rps": done / elapsed, "texts": done, "seconds": elapsed}
 
@@ -466,17 +484,18 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 r >= RPS_OVER_LIMIT,
                 f"{w['rps']:.0f} vs {limit:.0f} = x{r:.2f}",
             )
-        arrival = result["summary"]["limit"].get(f"{shape}/{ARRIVAL}", {}).get("rps")
-        if arrival:
-            r = w["rps"] / arrival
-            out.append(
-                {
-                    "shape": shape,
-                    "target": f"(not a target) c={mid} req/s / in-process, arrival order",
-                    "measured": f"{w['rps']:.0f} vs {arrival:.0f} = x{r:.2f}",
-                    "met": None,
-                }
-            )
+        for suffix, what in ((ARRIVAL, "arrival order"), (PARALLEL, "calls at once")):
+            other = result["summary"]["limit"].get(f"{shape}/{suffix}", {}).get("rps")
+            if other:
+                r = w["rps"] / other
+                out.append(
+                    {
+                        "shape": shape,
+                        "target": f"(not a target) c={mid} req/s / in-process, {what}",
+                        "measured": f"{w['rps']:.0f} vs {other:.0f} = x{r:.2f}",
+                        "met": None,
+                    }
+                )
         if h is not None:
             r = w["rps"] / h["rps"]
             add(
@@ -515,6 +534,7 @@ def _per_server(
 
 def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
     cs = result["config"]["concurrency"]
+    calls = result["config"].get("limit_parallel_calls", 1)
     out: list[tuple[str, list[str], list[list[Any]]]] = []
     cols = ["shape", "server"]
     for c in cs:
@@ -533,14 +553,16 @@ def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]
                 row += [cell.get("rps"), cell.get("p50_ms"), cell.get("p99_ms")]
                 errors += int(cell.get("errors", 0))
             rows.append([*row, errors])
-        names = {shape: "length-sorted", f"{shape}/{ARRIVAL}": "arrival order"}
+        names = {
+            shape: f"length-sorted batches of {LIMIT_BATCH}",
+            f"{shape}/{ARRIVAL}": f"arrival-order batches of {LIMIT_BATCH}",
+            f"{shape}/{PARALLEL}": f"length-sorted batches of {LIMIT_BATCH}, {calls} calls at once",
+        }
         for key, how in names.items():
             limit = result["summary"]["limit"].get(key)
             if limit:
                 rows.append(
-                    [shape, f"{LIMIT} ({how} batches of {LIMIT_BATCH})"]
-                    + [limit["rps"], None, None] * len(cs)
-                    + [None]
+                    [shape, f"{LIMIT} ({how})"] + [limit["rps"], None, None] * len(cs) + [None]
                 )
     out.append(
         (f"serving: wrk closed loop, median of {result['config']['rounds']} rounds", cols, rows)
@@ -663,9 +685,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_root.mkdir(parents=True, exist_ok=True)
     bodies_file.write_bytes(b"\n".join(predict_bodies(texts)) + b"\n")
     limits: dict[str, Limit] = {}
+    # As many calls at once as the worker's automatic TEXTCLS_BATCH_CONCURRENCY runs.
+    calls = model_calls_in_flight(0, "cpu", args.threads)
+    result["config"]["limit_parallel_calls"] = calls
     for shape, folder in models.items():
         limits[shape] = Limit(folder, texts, args.threads, arrival=False)
         limits[f"{shape}/{ARRIVAL}"] = Limit(folder, texts, args.threads, arrival=True)
+        if calls > 1:
+            limits[f"{shape}/{PARALLEL}"] = Limit(folder, texts, args.threads, False, calls)
     result["loadavg_start"] = os.getloadavg()
     with bench_stack(run_root, f"sqlite:///{run_root / 'textcls.db'}") as stack:
         alt_env = dict(kv.split("=", 1) for kv in args.alt_env)

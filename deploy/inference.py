@@ -22,6 +22,7 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import secrets
 import sys
 import time
@@ -208,6 +209,39 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+def model_calls_in_flight(concurrency: int, device: str, threads: int | None) -> int:
+    """How many batches run at once: ``concurrency``, or (0) what the cores allow.
+
+    Automatic: on a CPU, one call per ``threads`` intra-op threads that the
+    cores hold (at least one); one call on CUDA, and when ``threads`` is unset
+    (ONNX Runtime's default already takes one thread per core).
+    """
+    if concurrency > 0:
+        return concurrency
+    if not threads or _serves_on_cuda(device):
+        return 1
+    return max(1, available_cores() // threads)
+
+
+def _serves_on_cuda(device: str) -> bool:
+    if device == "cpu":
+        return False
+    from pipeline.device import resolve_device  # torch: only when the device is not plainly CPU
+
+    try:
+        return resolve_device(device).type == "cuda"
+    except Exception:  # a bad device fails the model load, which says why
+        return False
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask, as a container's cpuset sets it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -255,12 +289,17 @@ def create_app(
         call_overhead_tokens=settings.batch_call_overhead_tokens,
         on_batch=metrics.batch_size.observe,
         on_queue_age=metrics.queue_age.observe,
+        concurrency=model_calls_in_flight(
+            settings.batch_concurrency, settings.inference_device, settings.inference_threads
+        ),
     )
     metrics.queued.set_function(lambda: batcher.queued_texts)
+    metrics.model_threads.set(batcher.concurrency)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         batcher.start()
+        log.info("inference: %d model call(s) at once", batcher.concurrency)
         registry.start()
         try:
             yield

@@ -51,6 +51,11 @@ class InferenceMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=self.registry,
         )
+        self.model_threads = Gauge(
+            "textcls_batch_model_threads",
+            "Model calls that may run at once (TEXTCLS_BATCH_CONCURRENCY, 0 = automatic)",
+            registry=self.registry,
+        )
         self.queued = Gauge(
             "textcls_batch_queue_texts", "Texts waiting for a model call", registry=self.registry
         )

@@ -127,6 +127,11 @@ class Settings(BaseSettings):
     # thread only pads and runs batches and lengths are exact token counts;
     # False tokenizes in the model thread, by character-count estimates.
     batch_tokenize_on_arrival: bool = True
+    # Model calls in flight at once, each on its own thread (0: automatic, one
+    # per core the intra-op threads leave free on a CPU, so with
+    # inference_threads=1 on two cores two batches run at once; 1 on CUDA and
+    # when inference_threads is unset, since ONNX Runtime then takes every core).
+    batch_concurrency: int = Field(default=0, ge=0, le=64)
     # Inference workers re-read the current deployment this often even without
     # a pub/sub message (a missed message or a Redis restart delays a switch,
     # never loses it).

@@ -12,12 +12,19 @@ import pytest
 
 from deploy.batcher import (
     PREPARE_INLINE_CHARS,
+    BatcherClosed,
     DynamicBatcher,
     fifo_count,
     length_groups,
     next_call,
 )
-from deploy.inference import PredictInputError, parse_predict_body, settle_heap
+from deploy.inference import (
+    PredictInputError,
+    available_cores,
+    model_calls_in_flight,
+    parse_predict_body,
+    settle_heap,
+)
 
 
 class FakeModel:
@@ -550,3 +557,62 @@ def test_prepare_runs_as_requests_arrive_and_off_the_loop_for_big_ones() -> None
     assert {name for _, name in seen_lengths[:2]} == {loop_thread}  # small: on the event loop
     assert loop_thread not in {name for _, name in seen_lengths[2:]}  # big: on a worker thread
     assert sorted(t for call in model.calls for t in call) == sorted(["好", "一般般", *big])
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_concurrency_runs_that_many_calls_at_once(concurrency: int) -> None:
+    """With two model threads two batches overlap; with one they never do."""
+    running, overlap = 0, 0
+    lock = threading.Lock()
+
+    def run(_model: Any, texts: list[str]) -> tuple[list[int], list[float]]:
+        nonlocal running, overlap
+        with lock:
+            running += 1
+            overlap = max(overlap, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return _expected(texts)
+
+    async def main() -> list[Any]:
+        batcher = DynamicBatcher(run, max_batch_size=2, max_wait_s=0.0, concurrency=concurrency)
+        batcher.start()
+        try:
+            texts = [[f"句子{i}"] for i in range(8)]
+            return list(await asyncio.gather(*(batcher.predict("m", t) for t in texts)))
+        finally:
+            await batcher.stop()
+
+    results = asyncio.run(main())
+    assert results == [_expected([f"句子{i}"]) for i in range(8)]
+    assert overlap == concurrency
+
+
+def test_stop_fails_the_requests_of_every_model_thread() -> None:
+    release = threading.Event()
+
+    def run(_model: Any, texts: list[str]) -> tuple[list[int], list[float]]:
+        release.wait(5)
+        return _expected(texts)
+
+    async def main() -> list[Any]:
+        batcher = DynamicBatcher(run, max_batch_size=1, max_wait_s=0.0, concurrency=2)
+        batcher.start()
+        calls = [asyncio.ensure_future(batcher.predict("m", [t])) for t in ("一", "二", "三")]
+        await asyncio.sleep(0.1)  # two calls running, one queued
+        await batcher.stop()
+        release.set()
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    assert all(isinstance(o, BatcherClosed) for o in outcomes)
+
+
+def test_model_calls_in_flight_follow_the_cores_left_by_intra_op_threads() -> None:
+    cores = available_cores()
+    assert model_calls_in_flight(3, "cpu", 1) == 3  # set: as set
+    assert model_calls_in_flight(0, "cpu", None) == 1  # ONNX Runtime takes every core itself
+    assert model_calls_in_flight(0, "cpu", 1) == cores
+    assert model_calls_in_flight(0, "cpu", cores) == 1
+    assert model_calls_in_flight(0, "cpu", cores * 4) == 1
