@@ -616,3 +616,33 @@ def test_model_calls_in_flight_follow_the_cores_left_by_intra_op_threads() -> No
     assert model_calls_in_flight(0, "cpu", 1) == cores
     assert model_calls_in_flight(0, "cpu", cores) == 1
     assert model_calls_in_flight(0, "cpu", cores * 4) == 1
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_concurrent_batches_take_even_shares(concurrency: int) -> None:
+    """16 clients in a closed loop: two model threads take at most half of them each."""
+    sizes: list[int] = []
+
+    def run(_model: Any, texts: list[str]) -> tuple[list[int], list[float]]:
+        sizes.append(len(texts))
+        time.sleep(0.002 * len(texts))  # cost grows with the batch, as on a CPU
+        return _expected(texts)
+
+    async def client(batcher: DynamicBatcher, k: int) -> None:
+        for i in range(10):
+            assert await batcher.predict("m", [f"客户{k}第{i}句"]) == _expected([f"客户{k}第{i}句"])
+
+    async def main() -> None:
+        batcher = DynamicBatcher(run, max_batch_size=32, concurrency=concurrency)
+        batcher.start()
+        try:
+            await asyncio.gather(*(client(batcher, k) for k in range(16)))
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
+    assert sum(sizes) == 160
+    if concurrency == 2:
+        assert max(sizes) <= 8
+    else:
+        assert max(sizes) > 8  # one thread gathers every waiting client
